@@ -1,0 +1,178 @@
+"""The small interface every GAN family implements, and the registry that finds them by name.
+
+The trainer's step is the same for every model: for each network that has a loss (discriminator
+first, when there is one, then generator), compute the loss under the precision policy's autocast
+and hand it to ``PrecisionPolicy.step``. A user's model is one file implementing ``GANModel``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from orchestrator.settings import SpeedFlags
+
+Batch = dict[str, torch.Tensor]
+Logs = dict[str, float]
+
+
+@dataclass
+class Nets:
+    """The networks of one model. ``discriminator`` is None for non-adversarial models
+    (partial-conv inpainting); models with several discriminators put them in one ``nn.ModuleDict``."""
+
+    generator: nn.Module
+    discriminator: nn.Module | None = None
+    # frozen helper networks used inside losses (e.g. VGG for the perceptual loss): the trainer moves
+    # and casts them with the rest, never optimizes them
+    aux: nn.ModuleDict | None = None
+
+    def named(self) -> dict[str, nn.Module]:
+        """Networks that are trained, in step order (discriminator before generator)."""
+        out: dict[str, nn.Module] = {}
+        if self.discriminator is not None:
+            out["discriminator"] = self.discriminator
+        out["generator"] = self.generator
+        return out
+
+
+class GANModel(ABC):
+    """One conditional GAN family.
+
+    Class attributes:
+      name:      registry name (``--model NAME``)
+      eps_sites: numerically sensitive constants and their fp32 defaults, by site name
+      presets:   preset name -> architecture kwargs; must include ``tiny``, ``small``, ``paper``.
+                 Every key a user may override must appear in every preset.
+
+    Rules that keep the trainer generic:
+      * losses call only ``nets.generator(...)`` / ``nets.discriminator(...)`` (never reach into
+        submodules: under DDP the networks are wrapped);
+      * the eps site ``adam`` (if declared) is consumed by the trainer as the optimizer's eps;
+      * the returned loss may be any float dtype; the trainer casts it to fp32 before scaling.
+    """
+
+    name: str = ""
+    eps_sites: dict[str, float] = {}
+    presets: dict[str, dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        """``options`` override preset keys (e.g. ``vgg_weights``, ``n_blocks``); see ``arch``."""
+        self.options = options
+
+    def resolve_eps(self, overrides: dict[str, float] | None) -> dict[str, float]:
+        """Defaults with ``overrides`` applied; unknown site names are an error naming the allowed ones."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.eps_sites))
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r} has no eps site(s) {unknown}; allowed: {sorted(self.eps_sites)}"
+            )
+        return {**self.eps_sites, **overrides}
+
+    def arch(self, preset: str) -> dict[str, Any]:
+        """Architecture kwargs: the preset with the user's ``options`` applied on top."""
+        if preset not in self.presets:
+            raise ValueError(f"model {self.name!r} has no preset {preset!r}; allowed: {sorted(self.presets)}")
+        base = dict(self.presets[preset])
+        unknown = sorted(set(self.options) - set(base))
+        if unknown:
+            raise ValueError(f"model {self.name!r} has no option(s) {unknown}; allowed: {sorted(base)}")
+        return {**base, **self.options}
+
+    @abstractmethod
+    def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
+        """Build the networks (fp32, on CPU); the trainer moves and casts them."""
+
+    @abstractmethod
+    def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
+        """A map-style data set of ``Batch`` dicts (unbatched tensors). ``split`` is 'train' or 'val'.
+        ``data_cfg`` is an ``orchestrator.config.DataConfig``."""
+
+    def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
+        """Optimizer settings per network: ``{"generator": {"lr":..., "betas":...}, ...}``.
+        Default: Adam lr 2e-4, betas (0.5, 0.999) for every network (pix2pixHD's)."""
+        return {name: {"lr": 2e-4, "betas": (0.5, 0.999)} for name in nets.named()}
+
+    def discriminator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
+        """Loss of the discriminator(s). Only called when ``nets.discriminator`` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} has a discriminator but no discriminator_loss")
+
+    @abstractmethod
+    def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
+        """Loss of the generator (video models loop over frames inside)."""
+
+    @abstractmethod
+    def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fake, real) images in [-1, 1], shape (N, 3, H, W), for quality metrics and sample grids.
+        Called under ``torch.no_grad()``."""
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, str] = {
+    # name -> "module:Class"; imported lazily so a broken model cannot break the others
+    "pix2pixhd": "models.pix2pixhd:Pix2PixHD",
+    "spade": "models.spade:SPADE",
+    "inpainting": "models.inpainting:Inpainting",
+    "vid2vid": "models.vid2vid:Vid2Vid",
+    "fs_vid2vid": "models.fs_vid2vid:FewShotVid2Vid",
+}
+
+
+def register(name: str) -> Callable[[type[GANModel]], type[GANModel]]:
+    """Class decorator for models defined outside ``models/`` (imported before use)."""
+
+    def wrap(cls: type[GANModel]) -> type[GANModel]:
+        _REGISTRY[name] = f"{cls.__module__}:{cls.__qualname__}"
+        cls.name = cls.name or name
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Registered model names whose module is present."""
+    names = []
+    for name, target in _REGISTRY.items():
+        module = target.split(":")[0]
+        if importlib.util.find_spec(module) is not None:
+            names.append(name)
+    return sorted(names)
+
+
+def load_model(spec: str, **options: Any) -> GANModel:
+    """A model by registry name, or a user's ``path/to/file.py:ClassName``; ``options`` go to ``arch``."""
+    if ":" in spec and spec.split(":")[0].endswith(".py"):
+        path_str, cls_name = spec.rsplit(":", 1)
+        path = Path(path_str).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"model file {path_str!r} not found")
+        mod_name = f"user_model_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            raise ValueError(f"model file {path_str!r} has no class {cls_name!r}")
+    else:
+        if spec not in _REGISTRY:
+            raise ValueError(
+                f"unknown model {spec!r}; allowed: {available()} or a user model 'path/to/file.py:ClassName'"
+            )
+        module_name, cls_name = _REGISTRY[spec].split(":")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, GANModel)):
+        raise ValueError(f"{spec!r} is not a models.base.GANModel subclass")
+    model = cls(**options)
+    if not model.name:
+        model.name = cls.__name__.lower()
+    return model
