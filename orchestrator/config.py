@@ -5,10 +5,15 @@ any Ray work starts.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
+
+from orchestrator.settings import Checkpointing, Fusion, HalfDtype, OptLevel, Setting, SpeedFlags
 
 
 class DataConfig(BaseModel):
@@ -30,3 +35,177 @@ class DataConfig(BaseModel):
         if self.kind == "folder" and self.root is None:
             raise ValueError("data.root is required when data.kind is 'folder'")
         return self
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # registry name or path/to/file.py:ClassName
+    preset: str = "tiny"
+    options: dict[str, Any] = Field(default_factory=dict)  # overrides of preset keys
+
+
+class SearchConfig(BaseModel):
+    """The dimensions searched. Each is a list of candidate values; the study crosses them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    opt_level: list[OptLevel] = Field(default_factory=lambda: ["O0", "O1"], min_length=1)
+    dtype: list[HalfDtype] = Field(default_factory=lambda: ["bf16"], min_length=1)
+    batch_size: list[PositiveInt] = Field(default_factory=lambda: [2], min_length=1)
+    eps: dict[str, list[PositiveFloat]] = Field(default_factory=dict)  # site -> candidate values
+    checkpointing: list[Checkpointing] = Field(default_factory=lambda: ["none"], min_length=1)
+    fused_optimizer: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    fusion: list[Fusion] = Field(default_factory=lambda: ["none"], min_length=1)
+    affinity: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    channels_last: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    tf32: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+
+    def candidates(self) -> list[Setting]:
+        """Every distinct setting of the grid (dtype is irrelevant at O0, so O0 appears once per
+        combination of the other dimensions)."""
+        flag_names = ["checkpointing", "fused_optimizer", "fusion", "affinity", "channels_last", "tf32"]
+        eps_sites = sorted(self.eps)
+        seen: dict[str, Setting] = {}
+        for level, dtype, batch, *rest in itertools.product(
+            self.opt_level, self.dtype, self.batch_size,
+            *[getattr(self, n) for n in flag_names], *[self.eps[s] for s in eps_sites],
+        ):
+            flags = SpeedFlags(**dict(zip(flag_names, rest[: len(flag_names)])))
+            eps = dict(zip(eps_sites, rest[len(flag_names):]))
+            setting = Setting(opt_level=level, dtype=dtype,
+                              batch_size=batch, eps=eps, flags=flags)
+            seen.setdefault(setting.key(), setting)
+        return list(seen.values())
+
+
+class BudgetConfig(BaseModel):
+    """How much compute each stage spends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile_warmup: int = Field(default=2, ge=0)  # untimed steps before each setting's first block
+    profile_steps: int = Field(default=5, gt=0)  # timed steps per block
+    profile_rounds: int = Field(default=3, gt=0)  # interleaved reference/setting block pairs
+    max_profiled: int = Field(default=64, gt=0)  # sample this many settings when the grid is larger
+    train_samples: int = Field(default=128, gt=0)  # quality budget: training samples per trial
+    checkpoint_every: int = Field(default=20, gt=0)  # steps between checkpoints in quality trials
+    reference_seeds: int = Field(default=3, ge=2)  # fp32 replicates that define the noise band
+    max_trials: int = Field(default=6, gt=0)  # Optuna trials in stage 2
+    keep_slower: bool = False  # also quality-test settings slower than the reference
+
+
+class ResourcesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=1, gt=0)  # DDP workers per trial
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    max_concurrent_trials: int = Field(default=1, gt=0)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class QualityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = "ssim"  # decides the recommendation: ssim | psnr | l1 | fd
+    feature_network: Path | None = None  # TorchScript feature extractor for the Fréchet distance
+    band_multiplier: float = Field(default=1.0, gt=0)  # a drift counts as inside when |drift| <= multiplier x band
+    eval_batches: int | None = None  # validation batches per evaluation (None = whole val split)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in ("ssim", "psnr", "l1", "fd"):
+            raise ValueError(f"must be one of ssim, psnr, l1, fd; got {value!r}")
+        return value
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = None  # default: sqlite file in the output folder
+    experiment: str | None = None  # default: the study's experiment name
+
+
+class StudyConfig(BaseModel):
+    """A whole study, as read from ``search_spaces/<model>.yaml`` plus command-line overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field(min_length=1)
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    reference_batch_size: PositiveInt | None = None  # default: the smallest searched batch size
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    seed: int = 0
+
+    @property
+    def reference(self) -> Setting:
+        """The fp32 yardstick: O0, no speed flags, default eps, reference batch size."""
+        return Setting(opt_level="O0", batch_size=self.reference_batch_size or min(self.search.batch_size))
+
+
+class ConfigError(ValueError):
+    """A study configuration problem; the message names the file and field(s)."""
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid study configuration in {source}:"]
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "literal_error":
+            message = f"{message}; got {item.get('input')!r}"
+        elif item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
+    """Validate a dict into a StudyConfig, then check what only the model can tell (name, preset,
+    eps sites, options)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        config = StudyConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+    from models.base import load_model  # local: keeps config importable without torch work
+
+    try:
+        model = load_model(config.model.name, **config.model.options)
+        model.arch(config.model.preset)
+        model.resolve_eps({site: values[0] for site, values in config.search.eps.items()})
+    except ValueError as error:
+        raise ConfigError(f"invalid study configuration in {source}: model: {error}") from None
+    return config
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read, merge ``overrides`` (dotted keys, e.g. ``{"budget.max_trials": 2}``) and validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read search space {str(path)!r}: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"search space {str(path)!r} is not valid YAML: {error}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_config(raw, source=str(path))

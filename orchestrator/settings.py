@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OptLevel = Literal["O0", "O1", "O2", "O3"]
 HalfDtype = Literal["fp16", "bf16"]
@@ -40,6 +40,14 @@ class Setting(BaseModel):
     batch_size: int = Field(default=1, gt=0)
     eps: dict[str, float] = Field(default_factory=dict)
     flags: SpeedFlags = Field(default_factory=SpeedFlags)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_o0_dtype(cls, data):
+        # dtype means nothing at O0: pin it so equal settings get equal keys
+        if isinstance(data, dict) and data.get("opt_level", "O0") == "O0":
+            data = {**data, "dtype": "fp16"}
+        return data
 
     @field_validator("eps")
     @classmethod

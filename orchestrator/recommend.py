@@ -1,0 +1,262 @@
+"""From the results table to a recommendation: the fastest setting whose quality drift stays
+inside the fp32 noise band and that did not diverge, with the evidence behind it.
+
+Pure pandas/numpy (no Ray, no MLflow), so the same answer can be rebuilt from ``results.parquet``
+anywhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from orchestrator.quality import metric_direction
+from orchestrator.settings import Setting
+
+
+def metric_column(columns: list[str] | pd.Index, metric: str) -> str:
+    """Column holding ``metric`` ('fd' matches whichever ``quality_fd_<network>`` was measured)."""
+    if metric == "fd":
+        matches = sorted(c for c in columns if str(c).startswith("quality_fd_"))
+        if not matches:
+            raise ValueError("no Fréchet distance column in the results")
+        return matches[0]
+    return f"quality_{metric}"
+
+
+@dataclass
+class Band:
+    """The fp32 noise band of one quality metric: the reference seeds' spread around their mean."""
+
+    metric: str
+    mean: float
+    halfwidth: float  # largest distance of a reference seed from the mean
+    values: list[float]
+    direction: int  # +1 higher is better
+    multiplier: float = 1.0
+
+    @property
+    def tolerance(self) -> float:
+        return self.multiplier * self.halfwidth
+
+    @classmethod
+    def from_values(cls, metric: str, values: list[float], multiplier: float = 1.0) -> "Band":
+        vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if len(vals) < 2:
+            raise ValueError(f"the noise band of {metric!r} needs at least 2 finite reference results, got {len(vals)}")
+        mean = float(np.mean(vals))
+        return cls(metric, mean, float(max(abs(v - mean) for v in vals)), vals,
+                   metric_direction(metric.removeprefix("quality_")), multiplier)
+
+
+def score_outcome(outcome: dict[str, Any], band: Band) -> dict[str, float]:
+    """Drift of one trained setting against the band. ``drift_in_bands`` counts only harm (a drift
+    in the better direction is 0) in units of the band's tolerance; it is what Optuna minimises."""
+    value = outcome.get(band.metric)
+    if outcome.get("status", "ok") != "ok" or value is None or not math.isfinite(float(value)):
+        return {"drift": math.nan, "drift_in_bands": math.inf, "inside_band": 0.0}
+    drift = float(value) - band.mean
+    harm = max(0.0, -band.direction * drift)
+    scale = band.tolerance if band.tolerance > 0 else 1e-12
+    return {"drift": drift, "drift_in_bands": harm / scale, "inside_band": float(harm <= band.tolerance)}
+
+
+def reference_band(frame: pd.DataFrame, metric: str, multiplier: float = 1.0) -> Band:
+    refs = frame[frame["kind"] == "reference"]
+    column = metric_column(frame.columns, metric)
+    return Band.from_values(column, refs[column].tolist() if column in refs else [], multiplier)
+
+
+def _setting(row: pd.Series) -> Setting:
+    flat = {k: row[k] for k in row.index if k in Setting.model_fields or k.startswith("eps.")
+            or k in ("checkpointing", "fused_optimizer", "fusion", "affinity", "channels_last", "tf32")}
+    flat = {k: (v.item() if hasattr(v, "item") else v) for k, v in flat.items() if not _missing(v)}
+    return Setting.from_flat(flat)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _num(row: pd.Series, key: str) -> float:
+    value = row.get(key)
+    return float(value) if value is not None and not _missing(value) else math.nan
+
+
+def pareto_front(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Rows no other row beats on both speedup (higher) and drift_in_bands (lower)."""
+    keep = []
+    for i, row in candidates.iterrows():
+        dominated = ((candidates["speedup"] >= row["speedup"]) & (candidates["drift_in_bands"] <= row["drift_in_bands"])
+                     & ((candidates["speedup"] > row["speedup"]) | (candidates["drift_in_bands"] < row["drift_in_bands"])))
+        if not dominated.any():
+            keep.append(i)
+    return candidates.loc[keep].sort_values("speedup", ascending=False)
+
+
+def recommend(frame: pd.DataFrame, *, model: str, preset: str, metric: str, band_multiplier: float = 1.0,
+              reference: Setting) -> dict[str, Any]:
+    """The recommendation as a plain dict (what ``recommendations/<model>.yaml`` holds)."""
+    band = reference_band(frame, metric, band_multiplier)
+    cands = frame[frame["kind"] == "candidate"].copy()
+    trained = cands[cands.get("trained", pd.Series(0, index=cands.index)).fillna(0).astype(float) > 0].copy()
+    if len(trained):
+        scores = trained.apply(lambda r: pd.Series(score_outcome(r.to_dict(), band)), axis=1)
+        trained[["drift", "drift_in_bands", "inside_band"]] = scores[["drift", "drift_in_bands", "inside_band"]]
+    eligible = trained[(trained.get("status") == "ok") & (trained.get("inside_band", 0) > 0)] if len(trained) else trained
+    eligible = eligible[eligible["speedup"].notna()] if len(eligible) else eligible
+
+    ref_memory = _reference_memory(frame)
+    choice: dict[str, Any]
+    best = eligible.sort_values("speedup", ascending=False).iloc[0] if len(eligible) else None
+    if best is not None and _num(best, "speedup_low") > 1.0:
+        setting = _setting(best)
+        choice = {
+            "setting": setting.model_dump(mode="json"),
+            "label": setting.label(),
+            "speedup": _num(best, "speedup"),
+            "speedup_interval": [_num(best, "speedup_low"), _num(best, "speedup_high")],
+            "peak_memory_mib": _num(best, "peak_memory_mib"),
+            "memory_saving": 1 - _num(best, "peak_memory_mib") / ref_memory if ref_memory else math.nan,
+            "drift": _num(best, "drift"),
+            "differs_from_default": _differences(setting, reference),
+            "verdict": "faster with no measurable quality effect",
+        }
+    else:
+        why = ("no setting both stayed inside the noise band and was measurably faster (speedup interval above 1)"
+               if len(trained) else "no candidate setting reached quality training")
+        if best is not None:
+            why += f"; the fastest inside the band was {best.get('label')} at {_num(best, 'speedup'):.2f}x " \
+                   f"[{_num(best, 'speedup_low'):.2f}, {_num(best, 'speedup_high'):.2f}]"
+        choice = {"setting": reference.model_dump(mode="json"), "label": reference.label(), "speedup": 1.0,
+                  "speedup_interval": [1.0, 1.0], "peak_memory_mib": ref_memory, "memory_saving": 0.0,
+                  "drift": 0.0, "differs_from_default": {}, "verdict": f"keep fp32: {why}"}
+
+    front = pareto_front(trained[trained["status"] == "ok"]) if len(trained) else trained
+    statuses = cands["status"].value_counts().to_dict() if len(cands) else {}
+    return {
+        "model": model,
+        "preset": preset,
+        "recommended": choice,
+        "noise_band": {k: v for k, v in asdict(band).items()},
+        "alternatives": [
+            {"label": r.get("label"), "setting": _setting(r).model_dump(mode="json"), "speedup": _num(r, "speedup"),
+             "speedup_interval": [_num(r, "speedup_low"), _num(r, "speedup_high")], "drift": _num(r, "drift"),
+             "inside_band": bool(r.get("inside_band", 0))}
+            for _, r in front.iterrows()
+        ] if len(front) else [],
+        "settings_by_status": {str(k): int(v) for k, v in statuses.items()},
+    }
+
+
+def _reference_memory(frame: pd.DataFrame) -> float:
+    refs = frame[frame["kind"] == "reference"]
+    if "peak_memory_mib" in refs and refs["peak_memory_mib"].notna().any():
+        return float(refs["peak_memory_mib"].dropna().iloc[0])
+    return math.nan
+
+
+def _differences(setting: Setting, reference: Setting) -> dict[str, Any]:
+    ours, theirs = setting.flat(), reference.flat()
+    return {k: v for k, v in ours.items() if theirs.get(k) != v}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _clean(obj: Any) -> Any:
+    """YAML-safe: numpy scalars to Python, NaN to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item"):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_recommendation(rec: dict[str, Any], directory: Path) -> Path:
+    path = directory / "recommendations" / f"{rec['model']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(_clean(rec), sort_keys=False))
+    return path
+
+
+def load_recommended_setting(path: str | Path) -> Setting:
+    """The recommended ``Setting`` from a recommendation file, ready for ``Trainer``."""
+    data = yaml.safe_load(Path(path).read_text())
+    return Setting.model_validate(data["recommended"]["setting"])
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-" if value is None else str(value)
+    return "-" if not math.isfinite(value) else format(value, spec)
+
+
+def results_table_text(frame: pd.DataFrame, band: Band | None) -> str:
+    """The terminal/markdown table of every setting tried."""
+    header = "| setting | status | speedup [95% CI] | peak MiB | drift | inside band |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    refs = frame[frame["kind"] == "reference"]
+    for _, r in refs.iterrows():
+        lines.append(f"| fp32 reference seed {int(r['seed'])} | {r.get('status')} | 1.00 (reference) | "
+                     f"{_fmt(r.get('peak_memory_mib'), '.0f')} | {_fmt(r.get(band.metric) - band.mean if band else None, '+.4f')} | - |")
+    cands = frame[frame["kind"] == "candidate"]
+    if "speedup" in cands:
+        cands = cands.sort_values("speedup", ascending=False, na_position="last")
+    for _, r in cands.iterrows():
+        score = score_outcome(r.to_dict(), band) if band is not None and float(r.get("trained") or 0) > 0 else None
+        interval = f"{_fmt(r.get('speedup'))} [{_fmt(r.get('speedup_low'))}, {_fmt(r.get('speedup_high'))}]"
+        lines.append(
+            f"| {r.get('label')} | {r.get('status')} | {interval} | {_fmt(r.get('peak_memory_mib'), '.0f')} | "
+            f"{_fmt(score['drift'], '+.4f') if score else 'not trained'} | "
+            f"{('yes' if score['inside_band'] else 'no') if score else '-'} |")
+    return "\n".join(lines)
+
+
+def write_report(rec: dict[str, Any], frame: pd.DataFrame, directory: Path, *, tracking_uri: str,
+                 machine: str) -> Path:
+    band = Band(**rec["noise_band"])
+    r = rec["recommended"]
+    lines = [
+        f"# AMP study: {rec['model']} ({rec['preset']} preset)",
+        "",
+        f"Machine: {machine}",
+        "",
+        "## Recommendation",
+        "",
+        f"**{r['label']}** — {r['verdict']}.",
+        "",
+        f"- speedup {_fmt(r['speedup'])}x, 95% interval [{_fmt(r['speedup_interval'][0])}, {_fmt(r['speedup_interval'][1])}] "
+        "(median of paired, interleaved ratios against fp32 on the same worker)",
+        f"- peak memory {_fmt(r['peak_memory_mib'], '.0f')} MiB (saving {_fmt(100 * (r['memory_saving'] or 0), '.0f')}%)",
+        f"- drift of {band.metric} {_fmt(r['drift'], '+.4f')}; fp32 noise band ±{_fmt(band.tolerance, '.4f')} "
+        f"around {_fmt(band.mean, '.4f')} over {len(band.values)} seeds",
+        f"- differs from the default in: {r['differs_from_default'] or 'nothing'}",
+        "",
+        "## Every setting tried",
+        "",
+        results_table_text(frame, band),
+        "",
+        "## Pareto front (speedup vs drift)",
+        "",
+    ]
+    for alt in rec["alternatives"]:
+        lines.append(f"- {alt['label']}: {_fmt(alt['speedup'])}x, drift {_fmt(alt['drift'], '+.4f')}, "
+                     f"{'inside' if alt['inside_band'] else 'outside'} the band")
+    if not rec["alternatives"]:
+        lines.append("- (no trained setting)")
+    lines += ["", "## Browse the runs", "", f"    mlflow ui --backend-store-uri {tracking_uri}", ""]
+    path = directory / "report.md"
+    path.write_text("\n".join(lines))
+    return path

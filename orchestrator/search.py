@@ -1,0 +1,197 @@
+"""The Ray side of a study: cluster connection and resource checks, the stage-1 profile run, the
+reference/quality training runs (Ray Train ``TorchTrainer``), and the stage-2 search (Ray Tune +
+Optuna, multi-objective: speedup up, drift down).
+
+Only this module, ``workers`` and ``study`` know about Ray.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+
+from orchestrator.config import ResourcesConfig, StudyConfig
+from orchestrator.settings import Setting
+from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
+
+PENALTY_DRIFT = 1e3  # finite stand-in for "diverged / not measurable" (Optuna rejects NaN)
+
+
+class ResourceError(RuntimeError):
+    """The cluster can never satisfy the requested resources."""
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> str:
+    """Connect to ``address`` (an existing cluster) or start a local Ray; returns a description."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if ray.is_initialized():
+        return "existing Ray session"
+    # workers must import this project's packages: ship them when running from a source checkout
+    # (an installed project is already importable on every node)
+    ray.init(address=address, num_cpus=num_cpus if address is None else None,
+             include_dashboard=False if address is None else None, log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")
+    return address or "local Ray"
+
+
+def check_resources(resources: ResourcesConfig) -> None:
+    """Fail within seconds when a trial could never be scheduled (Tune would wait forever).
+
+    A quality trial holds 1 CPU for its Tune driver plus one bundle per Train worker."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    need_cpu = 1 + resources.workers * resources.cpus_per_worker
+    need_gpu = resources.workers * resources.gpus_per_worker
+    problems = []
+    if need_cpu > cpus:
+        problems.append(f"{need_cpu:g} CPUs per trial (1 for the trial + {resources.workers} workers x "
+                        f"{resources.cpus_per_worker:g}) but the cluster has {cpus:g}")
+    if need_gpu > gpus:
+        problems.append(f"{need_gpu:g} GPUs per trial ({resources.workers} workers x "
+                        f"{resources.gpus_per_worker:g}) but the cluster has {gpus:g}")
+    # one worker's bundle must fit on a single node
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= resources.cpus_per_worker
+            and n["Resources"].get("GPU", 0) >= resources.gpus_per_worker]
+    if nodes and not fits:
+        problems.append(f"no node has {resources.cpus_per_worker:g} CPUs and {resources.gpus_per_worker:g} GPUs "
+                        "for one worker")
+    if problems:
+        raise ResourceError("resources: the cluster can never run a trial: " + "; ".join(problems)
+                            + ". Lower resources.workers / cpus_per_worker / gpus_per_worker or add nodes.")
+
+
+def _scaling(resources: ResourcesConfig) -> ray.train.ScalingConfig:
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu,
+                                   resources_per_worker=per_worker, placement_strategy=resources.placement)
+
+
+def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Path, name: str) -> Any:
+    """Run a TorchTrainer; a rerun with the same name resumes from its latest checkpoint."""
+    trainer = TorchTrainer(
+        loop, train_loop_config=config, scaling_config=_scaling(study.resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def run_profile(study: StudyConfig, settings: list[Setting], storage: Path, name: str = "profile") -> dict[str, Any]:
+    """Stage 1 in one worker group: {setting key | "reference": profile result}."""
+    config = {"study": study.model_dump(mode="json"), "settings": [s.model_dump(mode="json") for s in settings]}
+    return _fit(profile_loop, config, study, storage, name).return_value
+
+
+def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage: Path,
+                 name: str) -> tuple[dict[str, Any], Path | None]:
+    """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path)."""
+    config = {"study": study.model_dump(mode="json"), "setting": setting.model_dump(mode="json"), "seeds": seeds}
+    result = _fit(quality_loop, config, study, storage, name)
+    grid = None
+    if result.checkpoint is not None:
+        local = Path(result.checkpoint.path) / SAMPLES_FILE
+        grid = local if local.exists() else None
+    return result.return_value, grid
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def param_space(study: StudyConfig, survivors: list[Setting]) -> dict[str, Any]:
+    """Tune search space over the dimensions the survivors actually vary in."""
+    dims: dict[str, list] = {}
+    for setting in survivors:
+        for name, value in setting.flat().items():
+            dims.setdefault(name, [])
+            if value not in dims[name]:
+                dims[name].append(value)
+    return {name: ray.tune.choice(values) for name, values in dims.items()}
+
+
+def quality_trial(params: dict[str, Any], *, study_json: dict, known: dict[str, dict], storage: str,
+                  evaluate: Callable[[dict[str, Any]], dict[str, float]]) -> None:
+    """One Tune trial: train the sampled setting (or reuse what is known about it) and report
+    speedup and drift. Settings rejected in stage 1, and repeats, cost no training."""
+    study = StudyConfig.model_validate(study_json)
+    setting = Setting.from_flat(params)
+    key = setting.key()
+    cache = Path(storage) / "trial-cache" / f"{key}.json"
+    base = {"setting_key": key, "label": setting.label()}
+    if key not in known:
+        ray.tune.report({**base, "speedup": 0.0, "drift_in_bands": PENALTY_DRIFT, "status": "not-profiled",
+                         "trained": 0})
+        return
+    profile = known[key]
+    if profile.get("status") not in ("ok", "slower") or (profile["status"] == "slower" and not study.budget.keep_slower):
+        ray.tune.report({**base, "speedup": float(profile.get("speedup") or 0.0), "drift_in_bands": PENALTY_DRIFT,
+                         "status": profile.get("status", "error"), "trained": 0})
+        return
+    if cache.exists():
+        ray.tune.report({**json.loads(cache.read_text()), "trained": 0, "repeat": 1})
+        return
+    finished, grid = run_training(study, setting, [study.seed], Path(storage), name=f"quality-{key}")
+    outcome = finished[str(study.seed)]
+    scores = evaluate(outcome)
+    metrics = {**base, **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))},
+               **scores, "speedup": float(profile.get("speedup", 0.0)), "trained": 1,
+               "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
+    if not math.isfinite(metrics["drift_in_bands"]):
+        metrics["drift_in_bands"] = PENALTY_DRIFT
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(metrics))
+    ray.tune.report(metrics)
+
+
+class _RowCallback(ray.tune.Callback):
+    """Hands each finished trial's metrics to the study (driver side) as soon as it completes."""
+
+    def __init__(self, on_result: Callable[[dict[str, Any]], None]):
+        self.on_result = on_result
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.on_result(result)
+
+
+def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, dict], storage: Path,
+               evaluate: Callable[[dict[str, Any]], dict[str, float]], on_result: Callable[[dict], None],
+               previous: list[tuple[dict[str, Any], list[float]]] = (), num_trials: int | None = None) -> None:
+    """Stage 2: Optuna (multi-objective) proposes settings among the survivors' values."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    num_trials = study.budget.max_trials if num_trials is None else num_trials
+    if num_trials <= 0 or not survivors:
+        return
+    space = param_space(study, survivors)
+    searcher = OptunaSearch(
+        metric=["speedup", "drift_in_bands"], mode=["max", "min"], seed=study.seed,
+        points_to_evaluate=[p for p, _ in previous] or None,
+        evaluated_rewards=[r for _, r in previous] or None,
+    )
+    trainable = ray.tune.with_parameters(quality_trial, study_json=study.model_dump(mode="json"), known=known,
+                                         storage=str(storage), evaluate=evaluate)
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(trainable, {"CPU": 1}),
+        param_space=space,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=num_trials,
+                                        max_concurrent_trials=study.resources.max_concurrent_trials),
+        run_config=ray.tune.RunConfig(name="search", storage_path=str(storage), callbacks=[_RowCallback(on_result)],
+                                      verbose=0),
+    )
+    tuner.fit()

@@ -1,0 +1,203 @@
+"""What runs on each Ray Train worker: stage-1 profiling and stage-2 quality training.
+
+Both loops checkpoint what they have finished after every unit of work (a profiled setting; a
+chunk of training steps; a finished seed), so when Ray Train restarts a lost worker group from the
+latest checkpoint the loop continues where it stopped and nothing is measured twice. The finished
+results travel back to the driver as the loop's return value (rank 0's).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from models.base import load_model
+from orchestrator.config import StudyConfig
+from orchestrator.measure import paired_profile
+from orchestrator.memory import peak_memory_mib
+from orchestrator.quality import QualityMeter
+from orchestrator.settings import Setting
+from orchestrator.trainer import Trainer, is_oom
+
+PROGRESS_FILE = "progress.json"
+SAMPLES_FILE = "samples.png"
+
+
+def _rank() -> int:
+    return ray.train.get_context().get_world_rank()
+
+
+def _restore_progress() -> tuple[dict[str, Any], Path | None]:
+    """(progress dict, local checkpoint dir) from the latest checkpoint, if Ray restored one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {}, None
+    local = Path(tempfile.mkdtemp(prefix="amp-restore-"))
+    checkpoint.to_directory(str(local))
+    progress = json.loads((local / PROGRESS_FILE).read_text())
+    return progress, local
+
+
+def _report(metrics: dict[str, Any], progress: dict[str, Any], trainer: Trainer | None = None,
+            extra_files: dict[str, Path] | None = None) -> None:
+    """Report with a checkpoint holding ``progress`` (and the trainer state): rank 0 writes it,
+    every rank calls report (Ray Train requires all ranks to report)."""
+    with tempfile.TemporaryDirectory(prefix="amp-ckpt-") as tmp:
+        checkpoint = None
+        if trainer is not None:
+            trainer.save(tmp)  # collective-free; rank 0 writes
+        if _rank() == 0:
+            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps(progress))
+            for name, src in (extra_files or {}).items():
+                if src.exists():
+                    (Path(tmp) / name).write_bytes(src.read_bytes())
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _model_and_data(study: StudyConfig):
+    return load_model(study.model.name, **study.model.options), study.data
+
+
+def _trainer(study: StudyConfig, setting: Setting, seed: int) -> Trainer:
+    model, data = _model_and_data(study)
+    return Trainer(model, setting, preset=study.model.preset, data=data, seed=seed,
+                   device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model)
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Profile each setting against the fp32 reference in this one worker group."""
+    study = StudyConfig.model_validate(config["study"])
+    settings = [Setting.model_validate(s) for s in config["settings"]]
+    budget = study.budget
+    progress, _ = _restore_progress()
+    done: dict[str, Any] = progress.get("done", {})
+    device = str(ray.train.torch.get_device())
+
+    def memory(setting: Setting) -> dict[str, Any]:
+        if _rank() != 0:
+            return {}
+        status, mib, method = peak_memory_mib(study.model.name, study.model.options, study.model.preset,
+                                              study.data.model_dump(mode="json"),
+                                              setting.model_dump(mode="json"), device=device)
+        return {"peak_memory_mib": mib, "memory_method": method, "memory_status": status}
+
+    if "reference" not in done:
+        done["reference"] = memory(study.reference)
+    reference = _trainer(study, study.reference, study.seed)
+    for index, setting in enumerate(settings):
+        key = setting.key()
+        if key in done:
+            continue
+        started = time.time()
+        try:
+            candidate = _trainer(study, setting, study.seed)
+        except Exception as error:  # noqa: BLE001 - a setting that cannot even be built is recorded
+            status = "oom" if is_oom(error) else "error"
+            done[key] = {"status": status, "reason": f"{type(error).__name__}: {error}"}
+        else:
+            result = paired_profile(reference, candidate, steps=budget.profile_steps,
+                                    rounds=budget.profile_rounds, warmup=budget.profile_warmup,
+                                    slower_than=1.0)
+            done[key] = result.as_dict()
+            del candidate
+            if result.status in ("ok", "slower"):
+                done[key].update(memory(setting))
+        done[key]["profile_seconds"] = time.time() - started
+        _report({"profiled": len(done) - 1, "of": len(settings)}, {"done": done})
+        if _rank() == 0:
+            print(f"[profile] {index + 1}/{len(settings)} {setting.label()}: {done[key].get('status')} "
+                  f"speedup={done[key].get('speedup', math.nan):.3f}", flush=True)
+    return done
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def save_sample_grid(fake: torch.Tensor, real: torch.Tensor, path: Path, max_images: int = 4) -> None:
+    """Rows: generated above ground truth, in [-1, 1] -> PNG."""
+    from PIL import Image
+
+    n = min(max_images, fake.shape[0])
+    rows = [torch.cat(list(t[:n]), dim=2) for t in (fake, real)]  # (3, H, n*W)
+    grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte()
+    Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+def evaluate(trainer: Trainer, study: StudyConfig, grid_path: Path | None = None) -> dict[str, float]:
+    meter = QualityMeter(study.quality.feature_network, device=trainer.device)
+    for i, (fake, real) in enumerate(trainer.generate(batches=study.quality.eval_batches)):
+        if i == 0 and grid_path is not None and trainer.rank == 0:
+            save_sample_grid(fake, real, grid_path)
+        meter.update(fake, real)
+    metrics = meter.compute()
+    return {f"quality_{k}": v for k, v in metrics.items()}
+
+
+def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one setting for the quality budget, once per seed, and measure its quality."""
+    study = StudyConfig.model_validate(config["study"])
+    setting = Setting.model_validate(config["setting"])
+    seeds: list[int] = config["seeds"]
+    budget = study.budget
+    progress, restored_dir = _restore_progress()
+    finished: dict[str, Any] = progress.get("finished", {})
+    grid = Path(tempfile.mkdtemp(prefix="amp-grid-")) / SAMPLES_FILE
+
+    for seed in seeds:
+        if str(seed) in finished:
+            continue
+        trainer = _trainer(study, setting, seed)
+        curve: list[list[float]] = []
+        if progress.get("current_seed") == seed and restored_dir is not None:
+            trainer.load(restored_dir)
+            curve = progress.get("curve", [])
+        total_steps = max(1, math.ceil(budget.train_samples / (setting.batch_size * trainer.world_size)))
+        status, reason, step_times, skipped = "ok", "", [], progress.get("skipped", 0)
+        started = time.time()
+        while trainer.step < total_steps:
+            record = trainer.run(min(budget.checkpoint_every, total_steps - trainer.step))
+            step_times += record.step_times
+            skipped += int(sum(v for logs in record.losses for k, v in logs.items() if k.startswith("skipped_")))
+            if record.losses:
+                means = {k: float(np.mean([l[k] for l in record.losses])) for k in record.losses[0]}
+                curve.append([trainer.step, means.get("loss_generator", math.nan),
+                              means.get("loss_discriminator", math.nan)])
+            if record.status != "ok":
+                status, reason = record.status, record.reason
+                break
+            if trainer.step < total_steps:
+                _report({"seed": seed, "step": trainer.step},
+                        {**progress, "finished": finished, "current_seed": seed, "curve": curve,
+                         "skipped": skipped}, trainer)
+        result: dict[str, Any] = {
+            "status": status, "reason": reason, "seed": seed, "steps": trainer.step,
+            "samples": trainer.samples_seen, "train_seconds": time.time() - started,
+            "skipped_steps": skipped, "curve": curve,
+            "throughput": (len(step_times) * setting.batch_size * trainer.world_size / sum(step_times))
+            if step_times else math.nan,
+            **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},
+        }
+        if status == "ok":
+            result.update(evaluate(trainer, study, grid if seed == seeds[0] else None))
+            if not all(math.isfinite(v) for k, v in result.items() if k.startswith("quality_") and k != "quality_psnr"):
+                result["status"], result["reason"] = "diverged", "non-finite quality metrics"
+        finished[str(seed)] = result
+        progress = {"finished": finished}
+        _report({"seed": seed, "done": len(finished)}, progress, extra_files={SAMPLES_FILE: grid})
+        if _rank() == 0:
+            q = result.get(f"quality_{study.quality.metric}", math.nan)
+            print(f"[quality] {setting.label()} seed {seed}: {status} {study.quality.metric}={q:.4f}", flush=True)
+        del trainer
+    return finished
