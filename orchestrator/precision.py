@@ -1,0 +1,524 @@
+"""The precision policy: weight casting, autocast, fp32 master weights and one loss scaler per loss.
+
+apex's opt_level names (DESIGN.md §4), implemented with native ``torch.amp`` only. Nothing here
+imports Ray or MLflow, and nothing depends on the device beyond ``device_type`` ("cpu" or "cuda"):
+a user can paste a recommended setting into their own loop::
+
+    policy = PrecisionPolicy("O2", "fp16", device_type="cuda")
+    net = policy.prepare_network(net.cuda())          # before make_optimizer
+    opt = policy.make_optimizer("generator", net.parameters(), lr=2e-4)
+    with policy.autocast():
+        loss = loss_fn(net(x.to(policy.input_dtype)))
+    policy.step("generator", loss, opt)               # raises Diverged when training has diverged
+
+=====  ==========================  ==========  ==============================  ===================
+level  weights                     autocast    optimizer updates               fp16 loss scaling
+=====  ==========================  ==========  ==============================  ===================
+O0     fp32                        disabled    the fp32 weights                none
+O1     fp32                        enabled     the fp32 weights                GradScaler per loss
+O2     half, norm layers fp32      enabled     fp32 masters, copied to model   GradScaler per loss
+O3     half everywhere             disabled    the half weights (no masters)   fp16-capable scaler
+=====  ==========================  ==========  ==============================  ===================
+
+Choices worth knowing:
+
+* **O2 keeps autocast enabled.** apex O2 patched no functions; here the weights are already half so
+  the matmul/conv casts are no-ops, but ops on autocast's fp32 list (losses, softmax, log, norms
+  called functionally, ...) still run in fp32, and a tensor a model creates in fp32 on the fly does
+  not crash a half conv. Normalization modules (BatchNorm*, InstanceNorm* incl. affine=False,
+  GroupNorm, LayerNorm, RMSNorm) stay fp32 and get hooks: input cast to fp32, output cast back to the
+  incoming dtype.
+* **O3 disables autocast**: everything, norm layers included, runs in the half dtype (apex O3, the
+  speed ceiling). Models must create their own tensors in the dtype of their inputs. fp16 gradients
+  are unscaled in fp16 by :class:`HalfGradScaler` (native GradScaler refuses them). Adam keeps its
+  state in fp16 too: its default ``eps=1e-8`` rounds to 0 in fp16, so the unfused Adam turns a zero
+  gradient into 0/0 = NaN and an underflowed second moment into inf. :meth:`make_optimizer` warns
+  about it; raise the ``adam`` eps site (e.g. 1e-4) or use the fused Adam (fp32 math inside).
+* **One scaler per loss name** (apex ``num_losses``): the discriminator's overflows never shrink
+  the generator's scale. bf16 and O0 have no scaler; their non-finite gradients are still caught
+  and the update skipped (an unscaled NaN gradient would otherwise be applied).
+* **Every step checks** the loss, the gradients (the scaler does it when there is one) and, after an
+  update, the weights; it synchronizes with the device once or twice per step to do so. Divergence
+  is decided locally: under DDP the trainer must agree on it across ranks.
+* **TF32** is scoped: the process-global flags (``torch.backends.cuda.matmul.allow_tf32`` and
+  ``torch.backends.cudnn.allow_tf32``) are set to ``tf32`` inside :meth:`autocast` and
+  :meth:`step` and restored on exit, so policies can be interleaved in one process. Note cuDNN's
+  default is TF32 *on*: the fp32 reference (``tf32=False``) switches it off. The legacy flags are
+  used because they exist in every torch >= 2.4; mixing them with torch's newer
+  ``fp32_precision`` attributes makes torch refuse to read them.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.amp import GradScaler
+from torch.optim import optimizer as torch_optimizer
+
+OPT_LEVELS = ("O0", "O1", "O2", "O3")
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Modules kept in fp32 under O2 (apex's keep_batchnorm_fp32, extended to every normalization).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants
+    nn.modules.instancenorm._InstanceNorm,  # InstanceNorm1d/2d/3d, affine or not
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+_HOOKED = "_precision_fp32_norm_hooks"
+
+
+class Diverged(RuntimeError):
+    """Training has diverged: the setting failed, the caller records it and moves on."""
+
+    def __init__(self, reason: str, step: int, loss_name: str = ""):
+        super().__init__(f"{reason} (step {step})")
+        self.reason = reason
+        self.step = step
+        self.loss_name = loss_name
+
+    def __reduce__(self):  # picklable across processes (Ray) despite the extra fields
+        return (type(self), (self.reason, self.step, self.loss_name))
+
+
+class HalfGradScaler(GradScaler):
+    """GradScaler that also unscales fp16 gradients (O3, where no fp32 master grads exist).
+
+    ``GradScaler.unscale_`` calls ``_unscale_grads_(..., allow_fp16=False)`` and so raises
+    "Attempting to unscale FP16 gradients."; this passes ``allow_fp16=True``, which GradScaler itself
+    already does for its inf checks. The multiply by ``1/scale`` happens in fp32 and is stored back in
+    fp16, so gradients below fp16's range flush to zero: part of why O3 is only a speed ceiling.
+    """
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):  # noqa: D401
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
+
+
+class MasterWeightAdam(torch.optim.Adam):
+    """Adam over fp32 master copies of half parameters (O2).
+
+    Each half (fp16/bf16) parameter gets an fp32 master that Adam updates; fp32 parameters (the
+    norm layers) are their own masters. ``copy_grads_to_masters`` moves the model's half gradients
+    onto the masters (the policy calls it before unscaling), ``step`` updates the masters and
+    refreshes the half model weights from them. ``state_dict`` carries the masters under
+    ``"master_params"`` (aligned with the optimizer's parameter order), so a checkpoint round trip
+    is exact: the half model weights alone lose the low bits. Build it after the network was cast.
+    """
+
+    def __init__(self, params, **kwargs: Any):
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (half model param, fp32 master)
+        self._model_params: list[torch.Tensor] = []
+        super().__init__(params, **kwargs)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        masters = []
+        for p in params:
+            self._model_params.append(p)
+            if p.is_floating_point() and p.dtype != torch.float32:
+                master = p.detach().to(torch.float32).clone().requires_grad_(p.requires_grad)
+                self._pairs.append((p, master))
+                masters.append(master)
+            else:
+                masters.append(p)
+        group["params"] = masters
+        super().add_param_group(group)
+
+    @property
+    def model_parameters(self) -> list[torch.Tensor]:
+        """The network's own parameters this optimizer maintains (half ones and fp32 ones)."""
+        return list(self._model_params)
+
+    @property
+    def master_parameters(self) -> list[torch.Tensor]:
+        """The fp32 masters of the half parameters."""
+        return [m for _, m in self._pairs]
+
+    @torch.no_grad()
+    def copy_grads_to_masters(self) -> None:
+        for p, m in self._pairs:
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            p.grad = None  # the half grad is no longer needed
+
+    @torch.no_grad()
+    def copy_masters_to_model(self) -> None:
+        for p, m in self._pairs:
+            p.copy_(m)
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.copy_masters_to_model()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p, _ in self._pairs:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["master_params"] = [p for group in self.param_groups for p in group["params"]]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("master_params", None)
+        super().load_state_dict(state_dict)
+        if saved is None:
+            warnings.warn("optimizer state has no fp32 master weights: keeping masters made from the "
+                          "half model weights (training will not continue bit-exactly)", stacklevel=2)
+            return
+        current = [p for group in self.param_groups for p in group["params"]]
+        if len(saved) != len(current):
+            raise ValueError(f"checkpoint holds {len(saved)} master weights, the optimizer {len(current)}")
+        with torch.no_grad():
+            for dst, src in zip(current, saved):
+                if dst.shape != src.shape:
+                    raise ValueError(f"master weight shape {tuple(src.shape)} != {tuple(dst.shape)}")
+                dst.copy_(src)
+        self.copy_masters_to_model()
+
+
+def _all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """True when every element of every tensor is finite (one device sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    if not flags:
+        return True
+    device = flags[0].device
+    return bool(torch.stack([f.to(device) for f in flags]).all())
+
+
+def _normalize_params(params) -> list:
+    """A list of tensors, or of param-group dicts whose ``params`` are lists (generators consumed once)."""
+    if torch.is_tensor(params):
+        return [params]
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            group = item["params"]
+            item = dict(item, params=[group] if torch.is_tensor(group) else list(group))
+        out.append(item)
+    return out
+
+
+def _fused_adam_supported(params: list) -> bool:
+    """Whether ``Adam(fused=True)`` can step these parameters (torch checks only at the first step).
+
+    Mirrors ``torch.optim.optimizer._device_dtype_check_for_fused``: floating point tensors on a
+    device with fused kernels (cuda, and cpu since torch 2.4)."""
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    get_devices = getattr(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
+    devices = set(get_devices())
+    return all(t.is_floating_point() and t.device.type in devices for t in tensors)
+
+
+def _cast_fp32_input(module: nn.Module, args: tuple) -> tuple:
+    incoming = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    module._precision_incoming_dtype = incoming
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _cast_output_back(module: nn.Module, args: tuple, output: Any) -> Any:
+    incoming = getattr(module, "_precision_incoming_dtype", None)
+    if incoming is None or incoming == torch.float32:
+        return output
+    if torch.is_tensor(output) and output.is_floating_point():
+        return output.to(incoming)
+    return output
+
+
+def _log2(value: float) -> str:
+    return f"2**{math.log2(value):g}" if value > 0 else str(value)
+
+
+class PrecisionPolicy:
+    """How one setting computes, stores and updates: see the module docstring for the levels.
+
+    Args:
+        opt_level: "O0" | "O1" | "O2" | "O3".
+        dtype: "fp16" | "bf16", the half dtype (ignored by O0).
+        device_type: "cpu" | "cuda", for autocast and the scalers.
+        loss_names: one loss scaler (and step/skip counters) per name; ``step`` takes one of them.
+        init_scale, growth_interval: GradScaler's (fp16 only; backoff 0.5, growth 2).
+        nonfinite_patience: consecutive non-finite steps of one loss tolerated before Diverged.
+        min_scale: a loss scale below this is a collapse (fp16 overflowing even unscaled).
+        tf32: TF32 for CUDA matmuls/convs inside ``autocast()`` and ``step()``.
+        param_check_interval: check the weights for non-finite values every N steps of a loss.
+    """
+
+    def __init__(
+        self,
+        opt_level: str,
+        dtype: str = "fp16",
+        device_type: str = "cpu",
+        loss_names: Sequence[str] = ("discriminator", "generator"),
+        init_scale: float = 2.0**16,
+        growth_interval: int = 2000,
+        nonfinite_patience: int = 3,
+        min_scale: float = 2.0**-8,
+        tf32: bool = False,
+        param_check_interval: int = 1,
+    ):
+        if opt_level not in OPT_LEVELS:
+            raise ValueError(f"opt_level must be one of {OPT_LEVELS}, got {opt_level!r}")
+        if dtype not in HALF_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(HALF_DTYPES)}, got {dtype!r}")
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+        if nonfinite_patience < 1 or param_check_interval < 1:
+            raise ValueError("nonfinite_patience and param_check_interval must be >= 1")
+        if not loss_names or len(set(loss_names)) != len(loss_names):
+            raise ValueError(f"loss_names must be distinct and non-empty, got {loss_names!r}")
+        self.opt_level = opt_level
+        self.dtype = dtype
+        self.device_type = device_type
+        self.loss_names = tuple(loss_names)
+        self.nonfinite_patience = nonfinite_patience
+        self.min_scale = float(min_scale)
+        self.tf32 = bool(tf32)
+        self.param_check_interval = param_check_interval
+        self.optimizer_impl: dict[str, str] = {}
+
+        scaler_type = HalfGradScaler if opt_level == "O3" else GradScaler
+        self.scalers: dict[str, GradScaler] = {
+            name: scaler_type(device_type, init_scale=init_scale, growth_interval=growth_interval,
+                              enabled=self.uses_scaler)
+            for name in self.loss_names
+        }
+        zero = {name: 0 for name in self.loss_names}
+        self._steps, self._skipped, self._nonfinite_losses = dict(zero), dict(zero), dict(zero)
+        self._streak = dict(zero)  # consecutive non-finite steps (see step())
+
+    # ------------------------------------------------------------------ what the setting means
+
+    @property
+    def half_dtype(self) -> torch.dtype:
+        return HALF_DTYPES[self.dtype]
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the trainer casts floating inputs to."""
+        return self.half_dtype if self.opt_level in ("O2", "O3") else torch.float32
+
+    @property
+    def uses_scaler(self) -> bool:
+        return self.dtype == "fp16" and self.opt_level != "O0"
+
+    @property
+    def uses_master_weights(self) -> bool:
+        return self.opt_level == "O2"
+
+    @property
+    def autocast_enabled(self) -> bool:
+        return self.opt_level in ("O1", "O2")
+
+    def __repr__(self) -> str:
+        return f"PrecisionPolicy({self.opt_level!r}, {self.dtype!r}, device_type={self.device_type!r})"
+
+    # ------------------------------------------------------------------ networks and optimizers
+
+    def prepare_network(self, net: nn.Module) -> nn.Module:
+        """Cast ``net``'s weights and buffers in place for this level; returns ``net``.
+
+        O0/O1: unchanged (fp32). O2: half except normalization modules, which stay fp32 behind
+        casting hooks. O3: every floating parameter and buffer half. Call before make_optimizer."""
+        if self.opt_level == "O3":
+            net.to(self.half_dtype)
+        elif self.opt_level == "O2":
+            for module in net.modules():
+                if isinstance(module, NORM_TYPES):
+                    module.float()
+                    if not getattr(module, _HOOKED, False):
+                        module.register_forward_pre_hook(_cast_fp32_input)
+                        module.register_forward_hook(_cast_output_back)
+                        setattr(module, _HOOKED, True)
+                else:
+                    for param in module.parameters(recurse=False):
+                        if param.is_floating_point():
+                            param.data = param.data.to(self.half_dtype)  # same Parameter object
+                    for key, buf in module.named_buffers(recurse=False):
+                        if buf.is_floating_point():
+                            setattr(module, key, buf.to(self.half_dtype))
+        return net
+
+    def make_optimizer(
+        self,
+        name: str,
+        params,
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.5, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        fused: bool = False,
+    ) -> torch.optim.Optimizer:
+        """Adam for the network trained by loss ``name`` (O2: over fp32 master weights).
+
+        ``fused=True`` uses ``Adam(fused=True)`` when torch supports it for these parameters'
+        device and dtype, else ``foreach=True``; ``self.optimizer_impl[name]`` records which
+        ("fused" | "foreach" | "default")."""
+        params = _normalize_params(params)
+        cls = MasterWeightAdam if self.uses_master_weights else torch.optim.Adam
+        kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        if fused and _fused_adam_supported(params):
+            optimizer, impl = cls(params, fused=True, **kwargs), "fused"
+        elif fused:
+            optimizer, impl = cls(params, foreach=True, **kwargs), "foreach"
+        else:
+            optimizer, impl = cls(params, **kwargs), "default"
+        self.optimizer_impl[name] = impl
+        if impl != "fused":
+            self._warn_if_eps_vanishes(name, optimizer, eps)
+        return optimizer
+
+    def _warn_if_eps_vanishes(self, name: str, optimizer: torch.optim.Optimizer, eps: float) -> None:
+        dtypes = {p.dtype for g in optimizer.param_groups for p in g["params"] if p.is_floating_point()}
+        lost = sorted(str(d) for d in dtypes if eps > 0 and torch.tensor(eps, dtype=d).item() == 0)
+        if lost:
+            warnings.warn(
+                f"Adam eps={eps:g} rounds to 0 in {', '.join(lost)} ({name}): a zero gradient becomes "
+                f"0/0 = NaN and an underflowed second moment inf. Raise the 'adam' eps site (>= 6e-8, "
+                f"e.g. 1e-4) or use the fused optimizer.", stacklevel=3)
+
+    # ------------------------------------------------------------------ forward
+
+    @contextlib.contextmanager
+    def _tf32_scope(self) -> Iterator[None]:
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        saved = (matmul.allow_tf32, cudnn.allow_tf32)
+        matmul.allow_tf32 = cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Context for forward passes and losses: autocast on for O1/O2, explicitly off for O0/O3."""
+        with self._tf32_scope(), torch.autocast(self.device_type, dtype=self.half_dtype,
+                                                 enabled=self.autocast_enabled):
+            yield
+
+    # ------------------------------------------------------------------ the update
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.scalers:
+            raise KeyError(f"unknown loss {name!r}: this policy was built for {self.loss_names}")
+
+    def step(self, name: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        """Backward ``loss`` and update through ``optimizer``; True if the update was applied.
+
+        Scales the fp32 loss with this loss's own scaler, backpropagates (always, so DDP ranks stay
+        in step), moves grads to the fp32 masters (O2), unscales, steps unless gradients are
+        non-finite, updates the scale, refreshes the half weights (O2) and frees the grads.
+        The optimizer's grads are cleared first: one backward per step, no accumulation.
+
+        Raises :class:`Diverged` when the loss (or, without a scaler, the gradients) was non-finite
+        for ``nonfinite_patience`` consecutive steps, when the loss scale fell below
+        ``min_scale``, or when the weights became non-finite."""
+        self._check_name(name)
+        masters = isinstance(optimizer, MasterWeightAdam)
+        if self.uses_master_weights and not masters:
+            if any(p.dtype != torch.float32 for g in optimizer.param_groups for p in g["params"]):
+                raise TypeError("O2 updates fp32 master weights: build the optimizer with make_optimizer")
+        scaler = self.scalers[name]
+        self._steps[name] += 1
+        step = self._steps[name]
+
+        with self._tf32_scope():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss.float()
+            loss_finite = torch.isfinite(loss).all()  # read after backward: one sync for both
+            scaler.scale(loss).backward()
+            if masters:
+                optimizer.copy_grads_to_masters()
+            if scaler.is_enabled():
+                before = scaler.get_scale()
+                scaler.unscale_(optimizer)
+                scaler.step(optimizer)  # skipped inside when a gradient overflowed
+                scaler.update()
+                applied = not scaler.get_scale() < before
+            else:
+                applied = _all_finite(p.grad for g in optimizer.param_groups for p in g["params"])
+                if applied:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        loss_finite = bool(loss_finite)
+        self._skipped[name] += not applied
+        self._nonfinite_losses[name] += not loss_finite
+        # With a scaler, a finite loss whose gradients overflowed is ordinary loss scaling (the
+        # scale shrinks); without one nothing will shrink, so a skipped step counts as non-finite.
+        bad = not loss_finite or (not applied and not scaler.is_enabled())
+        self._streak[name] = self._streak[name] + 1 if bad else 0
+        if self._streak[name] >= self.nonfinite_patience:
+            what = "loss" if not loss_finite else "gradients (no loss scaling)"
+            raise Diverged(f"non-finite {name} {what} for {self._streak[name]} consecutive steps", step, name)
+        if scaler.is_enabled() and scaler.get_scale() < self.min_scale:
+            raise Diverged(f"{name} loss scale collapsed to {_log2(scaler.get_scale())}, below min_scale "
+                           f"{_log2(self.min_scale)}", step, name)
+        if applied and step % self.param_check_interval == 0:
+            weights = optimizer.model_parameters if masters else (
+                p for g in optimizer.param_groups for p in g["params"])
+            if not _all_finite(weights):
+                raise Diverged(f"non-finite {name} weights after the update", step, name)
+        return applied
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def scale(self, name: str) -> float:
+        """Current loss scale of ``name`` (1.0 when unscaled)."""
+        self._check_name(name)
+        scaler = self.scalers[name]
+        return float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+
+    def stats(self) -> dict[str, float]:
+        """Per loss ``steps_/skipped_/nonfinite_/scale_<name>``; totals ``steps/skipped/skip_rate``."""
+        out: dict[str, float] = {}
+        for name in self.loss_names:
+            out[f"steps_{name}"] = float(self._steps[name])
+            out[f"skipped_{name}"] = float(self._skipped[name])
+            out[f"nonfinite_{name}"] = float(self._nonfinite_losses[name])
+            out[f"scale_{name}"] = self.scale(name)
+        steps, skipped = sum(self._steps.values()), sum(self._skipped.values())
+        out["steps"], out["skipped"] = float(steps), float(skipped)
+        out["skip_rate"] = skipped / steps if steps else 0.0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scalers and counters (the optimizers hold their own state, O2 masters included)."""
+        return {
+            "opt_level": self.opt_level,
+            "dtype": self.dtype,
+            "scalers": {name: s.state_dict() for name, s in self.scalers.items()},
+            "steps": dict(self._steps),
+            "skipped": dict(self._skipped),
+            "nonfinite": dict(self._nonfinite_losses),
+            "streak": dict(self._streak),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["opt_level"], state["dtype"]) != (self.opt_level, self.dtype):
+            raise ValueError(f"precision state is for {state['opt_level']}/{state['dtype']}, "
+                             f"not {self.opt_level}/{self.dtype}")
+        missing = set(self.loss_names) - set(state["scalers"])
+        if missing:
+            raise ValueError(f"precision state has no scaler for {sorted(missing)}")
+        for name, scaler in self.scalers.items():
+            scaler.load_state_dict(state["scalers"][name])
+        for attr, key in (("_steps", "steps"), ("_skipped", "skipped"),
+                          ("_nonfinite_losses", "nonfinite"), ("_streak", "streak")):
+            getattr(self, attr).update({n: int(state[key].get(n, 0)) for n in self.loss_names})
