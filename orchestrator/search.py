@@ -36,9 +36,13 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
         return "existing Ray session"
     # workers must import this project's packages: ship them when running from a source checkout
     # (an installed project is already importable on every node)
+    # the dashboard (loopback only by default) also serves the state API that Ray Train's
+    # placement-group cleaner polls; without it every run logs a warning every few seconds
+    # Ray Train's print patch would echo every worker print twice on the driver
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_V2_ENABLED": "1"}
     ray.init(address=address, num_cpus=num_cpus if address is None else None,
-             include_dashboard=False if address is None else None, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+             log_to_driver=True, configure_logging=True, logging_level="WARNING",
+             runtime_env={"env_vars": env})
     return address or "local Ray"
 
 
@@ -85,6 +89,7 @@ def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Pa
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
@@ -114,11 +119,16 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 # ----------------------------------------------------------------------------- stage 2
 
 
+def search_params(setting: Setting) -> dict[str, Any]:
+    """The setting as Tune/Optuna parameters (``Setting.from_flat`` reads them back)."""
+    return {**setting.flat(), "dtype": setting.dtype}
+
+
 def param_space(study: StudyConfig, survivors: list[Setting]) -> dict[str, Any]:
-    """Tune search space over the dimensions the survivors actually vary in."""
+    """Tune search space over the values the survivors take."""
     dims: dict[str, list] = {}
     for setting in survivors:
-        for name, value in setting.flat().items():
+        for name, value in search_params(setting).items():
             dims.setdefault(name, [])
             if value not in dims[name]:
                 dims[name].append(value)
@@ -165,8 +175,29 @@ class _RowCallback(ray.tune.Callback):
     def __init__(self, on_result: Callable[[dict[str, Any]], None]):
         self.on_result = on_result
 
+    def __getstate__(self):
+        # Tune pickles its callbacks into the experiment state; the live driver object keeps the
+        # function, a restored copy just has none
+        return {"on_result": None}
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.on_result(result)
+        if self.on_result is not None:
+            self.on_result(result)
+
+
+class _EnoughTrained(ray.tune.Stopper):
+    """Ends the search once ``target`` trials have trained: proposals that were rejected in stage 1
+    or repeat a finished setting cost nothing, so they don't use up the trial budget."""
+
+    def __init__(self, target: int):
+        self.target, self.trained = target, 0
+
+    def __call__(self, trial_id, result):
+        self.trained += int(bool(result.get("trained")))
+        return True  # every trial reports exactly once
+
+    def stop_all(self):
+        return self.trained >= self.target
 
 
 def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, dict], storage: Path,
@@ -186,12 +217,14 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
     )
     trainable = ray.tune.with_parameters(quality_trial, study_json=study.model_dump(mode="json"), known=known,
                                          storage=str(storage), evaluate=evaluate)
+    # proposals are cheap unless they train: allow several per trained trial
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": 1}),
         param_space=space,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=num_trials,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=num_trials * 4,
                                         max_concurrent_trials=study.resources.max_concurrent_trials),
-        run_config=ray.tune.RunConfig(name="search", storage_path=str(storage), callbacks=[_RowCallback(on_result)],
+        run_config=ray.tune.RunConfig(name=f"search-{len(previous)}", storage_path=str(storage),
+                                      callbacks=[_RowCallback(on_result)], stop=_EnoughTrained(num_trials),
                                       verbose=0),
     )
     tuner.fit()

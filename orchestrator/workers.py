@@ -31,6 +31,16 @@ PROGRESS_FILE = "progress.json"
 SAMPLES_FILE = "samples.png"
 
 
+def _quiet_ray_train() -> None:
+    """Ray Train logs every report at INFO under a logger named by its file path (so
+    ``LoggingConfig`` misses it); our own progress lines say the same in one line."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _rank() -> int:
     return ray.train.get_context().get_world_rank()
 
@@ -78,6 +88,7 @@ def _trainer(study: StudyConfig, setting: Setting, seed: int) -> Trainer:
 
 def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Profile each setting against the fp32 reference in this one worker group."""
+    _quiet_ray_train()
     study = StudyConfig.model_validate(config["study"])
     settings = [Setting.model_validate(s) for s in config["settings"]]
     budget = study.budget
@@ -85,13 +96,21 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
     done: dict[str, Any] = progress.get("done", {})
     device = str(ray.train.torch.get_device())
 
+    memory_cache: dict[str, dict[str, Any]] = {}
+
     def memory(setting: Setting) -> dict[str, Any]:
+        """Peak memory (rank 0). eps values cannot change memory: settings differing only in eps
+        share one measurement."""
         if _rank() != 0:
             return {}
+        shape_key = setting.model_copy(update={"eps": {}}).key()
+        if shape_key in memory_cache:
+            return memory_cache[shape_key]
         status, mib, method = peak_memory_mib(study.model.name, study.model.options, study.model.preset,
                                               study.data.model_dump(mode="json"),
                                               setting.model_dump(mode="json"), device=device)
-        return {"peak_memory_mib": mib, "memory_method": method, "memory_status": status}
+        memory_cache[shape_key] = {"peak_memory_mib": mib, "memory_method": method, "memory_status": status}
+        return memory_cache[shape_key]
 
     if "reference" not in done:
         done["reference"] = memory(study.reference)
@@ -147,6 +166,7 @@ def evaluate(trainer: Trainer, study: StudyConfig, grid_path: Path | None = None
 
 def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Train one setting for the quality budget, once per seed, and measure its quality."""
+    _quiet_ray_train()
     study = StudyConfig.model_validate(config["study"])
     setting = Setting.model_validate(config["setting"])
     seeds: list[int] = config["seeds"]
