@@ -83,9 +83,12 @@ def peak_memory_mib(model_spec: str, model_options: dict[str, Any], preset: str,
     args = [model_spec, model_options, preset, data, setting, steps, device]
     if torch.device(device).type == "cuda":
         return measure_in_process(*args)
+    # the child must import this project even when it runs from a checkout rather than installed
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run([sys.executable, "-m", "orchestrator.memory"], input=json.dumps(args),
-                              capture_output=True, text=True, timeout=timeout, env={**os.environ})
+                              capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return "error", float("nan"), f"rss-subprocess timed out after {timeout:.0f} s"
     if done.returncode != 0:

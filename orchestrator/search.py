@@ -119,51 +119,29 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 # ----------------------------------------------------------------------------- stage 2
 
 
-def search_params(setting: Setting) -> dict[str, Any]:
-    """The setting as Tune/Optuna parameters (``Setting.from_flat`` reads them back)."""
-    return {**setting.flat(), "dtype": setting.dtype}
-
-
-def param_space(study: StudyConfig, survivors: list[Setting]) -> dict[str, Any]:
-    """Tune search space over the values the survivors take."""
-    dims: dict[str, list] = {}
-    for setting in survivors:
-        for name, value in search_params(setting).items():
-            dims.setdefault(name, [])
-            if value not in dims[name]:
-                dims[name].append(value)
-    return {name: ray.tune.choice(values) for name, values in dims.items()}
-
-
-def quality_trial(params: dict[str, Any], *, study_json: dict, known: dict[str, dict], storage: str,
+def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[str, dict], storage: str,
                   evaluate: Callable[[dict[str, Any]], dict[str, float]]) -> None:
-    """One Tune trial: train the sampled setting (or reuse what is known about it) and report
-    speedup and drift. Settings rejected in stage 1, and repeats, cost no training."""
+    """One Tune trial: train the proposed setting for the quality budget and report speedup (from
+    stage 1) and drift. A repeated proposal reuses the finished result and costs no training."""
     study = StudyConfig.model_validate(study_json)
-    setting = Setting.from_flat(params)
-    key = setting.key()
+    key = params["setting"]
+    setting = Setting.model_validate(candidates[key]["setting"])
+    profile = candidates[key]["profile"]
     cache = Path(storage) / "trial-cache" / f"{key}.json"
-    base = {"setting_key": key, "label": setting.label()}
-    if key not in known:
-        ray.tune.report({**base, "speedup": 0.0, "drift_in_bands": PENALTY_DRIFT, "status": "not-profiled",
-                         "trained": 0})
-        return
-    profile = known[key]
-    if profile.get("status") not in ("ok", "slower") or (profile["status"] == "slower" and not study.budget.keep_slower):
-        ray.tune.report({**base, "speedup": float(profile.get("speedup") or 0.0), "drift_in_bands": PENALTY_DRIFT,
-                         "status": profile.get("status", "error"), "trained": 0})
-        return
     if cache.exists():
         ray.tune.report({**json.loads(cache.read_text()), "trained": 0, "repeat": 1})
         return
     finished, grid = run_training(study, setting, [study.seed], Path(storage), name=f"quality-{key}")
     outcome = finished[str(study.seed)]
     scores = evaluate(outcome)
-    metrics = {**base, **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))},
-               **scores, "speedup": float(profile.get("speedup", 0.0)), "trained": 1,
+    metrics = {"setting_key": key, "label": setting.label(),
+               **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))},
+               **scores, "speedup": float(profile.get("speedup") or 0.0), "trained": 1,
                "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
     if not math.isfinite(metrics["drift_in_bands"]):
         metrics["drift_in_bands"] = PENALTY_DRIFT
+    if outcome.get("status") != "ok":
+        metrics["speedup"] = 0.0  # a diverged setting has no useful speed
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(metrics))
     ray.tune.report(metrics)
@@ -202,21 +180,31 @@ class _EnoughTrained(ray.tune.Stopper):
 
 def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, dict], storage: Path,
                evaluate: Callable[[dict[str, Any]], dict[str, float]], on_result: Callable[[dict], None],
-               previous: list[tuple[dict[str, Any], list[float]]] = (), num_trials: int | None = None) -> None:
-    """Stage 2: Optuna (multi-objective) proposes settings among the survivors' values."""
+               previous: dict[str, list[float]] | None = None, num_trials: int | None = None) -> None:
+    """Stage 2: Optuna (multi-objective: speedup up, drift down) chooses which survivors to train.
+
+    The space is one categorical over the survivors: stage 1 already removed the slow, diverging
+    and out-of-memory corners, so no proposal is wasted on them. The fastest untried survivors are
+    proposed first (the likeliest recommendation); ``previous`` ({key: [speedup, drift_in_bands]})
+    are what a resumed study already trained."""
     from ray.tune.search.optuna import OptunaSearch
 
     num_trials = study.budget.max_trials if num_trials is None else num_trials
     if num_trials <= 0 or not survivors:
         return
-    space = param_space(study, survivors)
+    previous = previous or {}
+    keys = [s.key() for s in sorted(survivors, key=lambda s: -float(known[s.key()].get("speedup") or 0.0))]
+    untried = [k for k in keys if k not in previous]
+    first = untried[: min(2, num_trials)]
     searcher = OptunaSearch(
         metric=["speedup", "drift_in_bands"], mode=["max", "min"], seed=study.seed,
-        points_to_evaluate=[p for p, _ in previous] or None,
-        evaluated_rewards=[r for _, r in previous] or None,
+        # previously trained keys come back from the trial cache at no cost, so Optuna learns them
+        points_to_evaluate=[{"setting": k} for k in list(previous) + first] or None,
     )
-    trainable = ray.tune.with_parameters(quality_trial, study_json=study.model_dump(mode="json"), known=known,
-                                         storage=str(storage), evaluate=evaluate)
+    space = {"setting": ray.tune.choice(keys)}
+    candidates = {s.key(): {"setting": s.model_dump(mode="json"), "profile": known[s.key()]} for s in survivors}
+    trainable = ray.tune.with_parameters(quality_trial, study_json=study.model_dump(mode="json"),
+                                         candidates=candidates, storage=str(storage), evaluate=evaluate)
     # proposals are cheap unless they train: allow several per trained trial
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": 1}),

@@ -146,9 +146,8 @@ class Study:
         if not survivors or remaining <= 0:
             return
         by_key = {s.key(): s for s in settings}
-        previous = [(search.search_params(by_key[r["row_id"]]), [float(r.get("speedup") or 0.0),
-                     float(r.get("drift_in_bands", search.PENALTY_DRIFT))])
-                    for r in trained if r["row_id"] in by_key and by_key[r["row_id"]] in survivors]
+        previous = {r["row_id"]: [float(r.get("speedup") or 0.0), float(r.get("drift_in_bands", search.PENALTY_DRIFT))]
+                    for r in trained if r["row_id"] in by_key and by_key[r["row_id"]] in survivors}
 
         def on_result(metrics: dict[str, Any]) -> None:
             key = metrics.get("setting_key")
