@@ -161,8 +161,10 @@ class Trainer:
                 f"({len(self.train_set)} samples over {self.world_size} workers): raise data.train_samples"
             )
         self.sampler = _ResumableSampler(self.train_set, self.rank, self.world_size, seed)
+        # own generator: starting a new epoch's iterator must not consume the global RNG that the
+        # model's losses draw from, or a resumed run would diverge from an uninterrupted one
         self.loader = DataLoader(self.train_set, batch_size=setting.batch_size, sampler=self.sampler,
-                                 drop_last=True, num_workers=0)
+                                 drop_last=True, num_workers=0, generator=torch.Generator().manual_seed(seed))
         self.data = data
         self.step = 0  # optimizer steps taken (all networks)
         self.epoch = 0
@@ -306,7 +308,8 @@ class Trainer:
             "nets": {name: unwrap(net).state_dict() for name, net in self.nets.named().items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "precision": self.policy.state_dict(),
-            "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                         "data_seed": self.sampler.inner.seed},
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
@@ -322,6 +325,7 @@ class Trainer:
         self.policy.load_state_dict(state["precision"])
         pos = state["position"]
         self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        self.sampler.inner.seed = pos["data_seed"]
         self._batches = None
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"]:
