@@ -1,0 +1,112 @@
+"""The recommender on tables with planted truth."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from orchestrator.recommend import (Band, load_recommended_setting, recommend, score_outcome,
+                                    write_recommendation, write_report)
+from orchestrator.results import ResultsTable
+from orchestrator.settings import Setting
+
+REFERENCE = Setting(opt_level="O0", batch_size=2)
+
+
+def reference_rows(values=(0.50, 0.51, 0.49)):
+    return [{"row_id": f"reference:{i}", "kind": "reference", "seed": i, "status": "ok", "trained": 1,
+             "quality_ssim": v, "speedup": 1.0, "peak_memory_mib": 100.0, **REFERENCE.flat()}
+            for i, v in enumerate(values)]
+
+
+def candidate(setting: Setting, speedup, low, high, ssim=None, status="ok", memory=80.0):
+    row = {"row_id": setting.key(), "kind": "candidate", "label": setting.label(), "status": status,
+           "speedup": speedup, "speedup_low": low, "speedup_high": high, "peak_memory_mib": memory,
+           **setting.flat()}
+    if ssim is not None:
+        row.update({"trained": 1, "quality_ssim": ssim})
+    return row
+
+
+FAST_DRIFTING = Setting(opt_level="O3", dtype="fp16", batch_size=2)
+GOOD = Setting(opt_level="O1", dtype="fp16", batch_size=2)
+OK_SLOWER = Setting(opt_level="O1", dtype="bf16", batch_size=2)
+DIVERGED = Setting(opt_level="O2", dtype="fp16", batch_size=2)
+
+
+def planted_table():
+    return pd.DataFrame(reference_rows() + [
+        candidate(FAST_DRIFTING, 2.5, 2.4, 2.6, ssim=0.30),  # fastest, but quality drops far outside
+        candidate(GOOD, 1.8, 1.7, 1.9, ssim=0.505),  # inside the band: the answer
+        candidate(OK_SLOWER, 1.2, 1.1, 1.3, ssim=0.50),
+        candidate(DIVERGED, 2.0, 1.9, 2.1, ssim=None, status="diverged"),
+    ])
+
+
+def test_picks_fastest_setting_inside_the_band_and_rejects_a_fast_drifting_one():
+    rec = recommend(planted_table(), model="m", preset="tiny", metric="ssim", reference=REFERENCE)
+    assert rec["recommended"]["label"] == GOOD.label()
+    assert rec["recommended"]["speedup_interval"] == [1.7, 1.9]
+    assert rec["recommended"]["memory_saving"] == pytest.approx(0.2)
+    assert rec["recommended"]["differs_from_default"] == {"opt_level": "O1", "dtype": "fp16"}
+    labels = [a["label"] for a in rec["alternatives"]]
+    assert FAST_DRIFTING.label() in labels  # on the Pareto front, but marked outside
+    assert not next(a for a in rec["alternatives"] if a["label"] == FAST_DRIFTING.label())["inside_band"]
+    assert rec["settings_by_status"] == {"ok": 3, "diverged": 1}
+
+
+def test_improvement_is_not_drift():
+    band = Band.from_values("quality_ssim", [0.50, 0.51, 0.49])
+    assert score_outcome({"quality_ssim": 0.9}, band)["inside_band"] == 1.0
+    assert score_outcome({"quality_ssim": 0.3}, band)["inside_band"] == 0.0
+    lower_better = Band.from_values("quality_l1", [0.10, 0.11, 0.09])
+    assert score_outcome({"quality_l1": 0.05}, lower_better)["drift_in_bands"] == 0.0
+    assert score_outcome({"quality_l1": 0.2}, lower_better)["drift_in_bands"] > 1
+
+
+def test_diverged_outcome_scores_finite_for_optuna_callers():
+    band = Band.from_values("quality_ssim", [0.5, 0.6])
+    score = score_outcome({"status": "diverged", "quality_ssim": float("nan")}, band)
+    assert score["inside_band"] == 0.0 and math.isinf(score["drift_in_bands"])
+
+
+def test_keeps_fp32_when_nothing_is_measurably_faster():
+    table = pd.DataFrame(reference_rows() + [candidate(OK_SLOWER, 1.02, 0.95, 1.1, ssim=0.50)])
+    rec = recommend(table, model="m", preset="tiny", metric="ssim", reference=REFERENCE)
+    assert rec["recommended"]["label"] == REFERENCE.label()
+    assert rec["recommended"]["verdict"].startswith("keep fp32")
+    assert OK_SLOWER.label() in rec["recommended"]["verdict"]
+
+
+def test_wider_noise_band_admits_more():
+    noisy = pd.DataFrame(reference_rows((0.40, 0.60, 0.50)) + [candidate(FAST_DRIFTING, 2.5, 2.4, 2.6, ssim=0.42)])
+    calm = pd.DataFrame(reference_rows((0.499, 0.501, 0.50)) + [candidate(FAST_DRIFTING, 2.5, 2.4, 2.6, ssim=0.42)])
+    pick = lambda t: recommend(t, model="m", preset="t", metric="ssim", reference=REFERENCE)["recommended"]["label"]
+    assert pick(noisy) == FAST_DRIFTING.label()
+    assert pick(calm) == REFERENCE.label()
+
+
+def test_recommendation_file_loads_back_as_a_setting(tmp_path):
+    rec = recommend(planted_table(), model="m", preset="tiny", metric="ssim", reference=REFERENCE)
+    path = write_recommendation(rec, tmp_path)
+    assert path == tmp_path / "recommendations" / "m.yaml"
+    assert load_recommended_setting(path) == GOOD
+    yaml.safe_load(path.read_text())  # plain YAML, no Python objects
+    report = write_report(rec, planted_table(), tmp_path, tracking_uri="sqlite:///x.db", machine="test box")
+    text = report.read_text()
+    assert GOOD.label() in text and "mlflow ui --backend-store-uri sqlite:///x.db" in text
+
+
+def test_results_table_round_trips_through_parquet(tmp_path):
+    table = ResultsTable(tmp_path / "results.parquet")
+    table.upsert("a", {"kind": "candidate", "speedup": 1.5, "speedup_ratios": [1.4, 1.6]})
+    table.upsert("b", {"kind": "reference", "quality_ssim": 0.5})
+    table.upsert("a", {"status": "ok"})
+    again = ResultsTable(tmp_path / "results.parquet")
+    assert again.get("a")["speedup"] == 1.5 and again.get("a")["status"] == "ok"
+    assert again.get("a")["speedup_ratios"] == "[1.4, 1.6]"
+    assert "quality_ssim" not in again.get("a")  # missing cells don't come back as NaN
+    assert np.isclose(again.get("b")["quality_ssim"], 0.5)

@@ -1,0 +1,78 @@
+"""A tiny study through real Ray (Tune + Train), a real MLflow sqlite store and Parquet."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STUDY = {
+    "experiment": "e2e",
+    "model": {"name": "pix2pixhd", "preset": "tiny"},
+    "data": {"height": 32, "width": 32, "train_samples": 16, "val_samples": 8},
+    "search": {"opt_level": ["O0", "O1"], "dtype": ["bf16"], "batch_size": [2, 4]},
+    "reference_batch_size": 2,
+    "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "train_samples": 16,
+               "reference_seeds": 2, "max_trials": 2, "checkpoint_every": 4},
+}
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tmp_path):
+    space = tmp_path / "study.yaml"
+    space.write_text(yaml.safe_dump(STUDY))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "run_experiment.py", "--search-space", str(space), "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "recommended for pix2pixhd" in done.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in done.stdout
+
+    # the table: 2 references + every candidate of the grid except the reference itself
+    table = pd.read_parquet(out / "results.parquet")
+    refs = table[table["kind"] == "reference"]
+    cands = table[table["kind"] == "candidate"]
+    assert sorted(refs["seed"].astype(int)) == [0, 1]
+    assert set(cands["label"]) == {"fp32-b4", "O1-bf16-b2", "O1-bf16-b4"}
+    assert cands["speedup"].notna().all() and cands["profile_status"].notna().all()
+    assert refs["quality_ssim"].notna().all()
+    trained = cands[cands["trial_done"] == 1] if "trial_done" in cands else cands.iloc[:0]
+    survivors = cands[cands["profile_status"] == "ok"]
+    assert len(trained) == min(2, len(survivors))
+    assert trained["quality_ssim"].notna().all() and trained["drift"].notna().all()
+    assert table["mlflow_run_id"].dropna().nunique() == len(refs) + len(cands)
+
+    # MLflow: one parent run, one nested child per row, with params and metrics
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("amp.kind") == "study"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(refs) + len(cands)
+    o1 = next(r for r in children if r.info.run_name == "O1-bf16-b2")
+    assert o1.data.params["opt_level"] == "O1" and o1.data.params["dtype"] == "bf16"
+    assert "speedup" in o1.data.metrics and "peak_memory_mib" in o1.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+    assert {"pix2pixhd.yaml", "report.md", "results.parquet"} <= set(artifacts)
+
+    # the recommendation file is loadable as a Setting
+    from orchestrator.recommend import load_recommended_setting
+
+    setting = load_recommended_setting(out / "recommendations" / "pix2pixhd.yaml")
+    assert setting.label() in (out / "report.md").read_text()
+
+    # --resume on a finished study re-runs nothing and duplicates no MLflow run
+    again = subprocess.run([sys.executable, "run_experiment.py", "--search-space", str(space), "--output", str(out),
+                            "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "stage 1: profiling" not in again.stdout and "references: training" not in again.stdout
+    runs_after = client.search_runs([experiment.experiment_id], max_results=100)
+    assert len(runs_after) == len(runs)
