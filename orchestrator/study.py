@@ -79,8 +79,18 @@ class Study:
     # ------------------------------------------------------------------ stages
 
     def candidates(self) -> list[Setting]:
+        """The grid, with eps values equal to the model's defaults dropped (so the default-eps fp32
+        setting *is* the reference, not a copy of it), minus the reference itself."""
+        from models.base import load_model
+
+        defaults = load_model(self.config.model.name, **self.config.model.options).eps_sites
         reference = self.config.reference.key()
-        grid = [s for s in self.config.search.candidates() if s.key() != reference]
+        unique: dict[str, Setting] = {}
+        for setting in self.config.search.candidates():
+            eps = {k: v for k, v in setting.eps.items() if defaults.get(k) != v}
+            setting = setting.model_copy(update={"eps": eps})
+            unique.setdefault(setting.key(), setting)
+        grid = [s for s in unique.values() if s.key() != reference]
         limit = self.config.budget.max_profiled
         if len(grid) > limit:
             self.log(f"the grid has {len(grid)} settings; profiling a random sample of {limit}")

@@ -126,13 +126,16 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
             status = "oom" if is_oom(error) else "error"
             done[key] = {"status": status, "reason": f"{type(error).__name__}: {error}"}
         else:
+            built = time.time()
             result = paired_profile(reference, candidate, steps=budget.profile_steps,
                                     rounds=budget.profile_rounds, warmup=budget.profile_warmup,
                                     slower_than=1.0)
-            done[key] = result.as_dict()
+            stepped = time.time()
+            done[key] = {**result.as_dict(), "build_seconds": built - started, "step_seconds": stepped - built}
             del candidate
             if result.status in ("ok", "slower"):
                 done[key].update(memory(setting))
+                done[key]["memory_seconds"] = time.time() - stepped
         done[key]["profile_seconds"] = time.time() - started
         _report({"profiled": len(done) - 1, "of": len(settings)}, {"done": done})
         if _rank() == 0:
@@ -186,8 +189,11 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
         total_steps = max(1, math.ceil(budget.train_samples / (setting.batch_size * trainer.world_size)))
         status, reason, step_times, skipped = "ok", "", [], progress.get("skipped", 0)
         started = time.time()
+        step_seconds = 0.0
         while trainer.step < total_steps:
+            run_started = time.time()
             record = trainer.run(min(budget.checkpoint_every, total_steps - trainer.step))
+            step_seconds += time.time() - run_started
             step_times += record.step_times
             skipped += int(sum(v for logs in record.losses for k, v in logs.items() if k.startswith("skipped_")))
             if record.losses:
@@ -209,8 +215,11 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
             if step_times else math.nan,
             **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},
         }
+        result["step_seconds"] = step_seconds
         if status == "ok":
+            eval_started = time.time()
             result.update(evaluate(trainer, study, grid if seed == seeds[0] else None))
+            result["eval_seconds"] = time.time() - eval_started
             if not all(math.isfinite(v) for k, v in result.items() if k.startswith("quality_") and k != "quality_psnr"):
                 result["status"], result["reason"] = "diverged", "non-finite quality metrics"
         finished[str(seed)] = result

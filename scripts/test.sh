@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install the project with its test dependencies and run the whole test suite (slow tests included).
+# torch is installed first and pinned: on these machines torch==2.13.0 is a local CPU build, while a
+# looser requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e '.[test]'
+python -m pytest -q --timeout=1800 "$@"
