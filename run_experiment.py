@@ -65,17 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
     output = (args.output or Path("runs") / config.experiment).resolve()
     tracking_uri = resolve_tracking_uri(args.tracking_uri, config.tracking.uri, output)
-    try:
-        study = Study(config, output, tracking_uri, resume=args.resume)
-    except FileExistsError as error:
-        print(f"error: {error}", file=sys.stderr)
+    if (output / "results.parquet").exists() and not args.resume:
+        print(f"error: {output / 'results.parquet'} already exists: pass --resume to continue that study, "
+              "or choose another --output", file=sys.stderr)
         return 2
     print(f"study {config.experiment!r}: model {config.model.name} ({config.model.preset}), output {output}")
     where = search.connect(args.address)
     try:
-        search.check_resources(config.resources)
+        search.check_resources(config.resources)  # before anything is written
         print(f"Ray: {where}")
-        result = study.run()
+        result = Study(config, output, tracking_uri, resume=args.resume).run()
     except search.ResourceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import yaml
@@ -13,24 +12,10 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STUDY = {
-    "experiment": "e2e",
-    "model": {"name": "pix2pixhd", "preset": "tiny"},
-    "data": {"height": 32, "width": 32, "train_samples": 16, "val_samples": 8},
-    "search": {"opt_level": ["O0", "O1"], "dtype": ["bf16"], "batch_size": [2, 4]},
-    "reference_batch_size": 2,
-    "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "train_samples": 16,
-               "reference_seeds": 2, "max_trials": 2, "checkpoint_every": 4},
-}
-
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end(tmp_path):
-    space = tmp_path / "study.yaml"
-    space.write_text(yaml.safe_dump(STUDY))
-    out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "run_experiment.py", "--search-space", str(space), "--output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+def test_tiny_study_end_to_end(tiny_study):
+    out, space, done = tiny_study["output"], tiny_study["space"], tiny_study["process"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "recommended for pix2pixhd" in done.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in done.stdout
@@ -62,6 +47,9 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "speedup" in o1.data.metrics and "peak_memory_mib" in o1.data.metrics
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert {"pix2pixhd.yaml", "report.md", "results.parquet"} <= set(artifacts)
+    trained_run = client.get_run(trained["mlflow_run_id"].iloc[0])
+    assert "samples.png" in [a.path for a in client.list_artifacts(trained_run.info.run_id)]
+    assert trained_run.data.tags["status"] == "ok" and "drift" in trained_run.data.metrics
 
     # the recommendation file is loadable as a Setting
     from orchestrator.recommend import load_recommended_setting
