@@ -112,21 +112,9 @@ def recommend(frame: pd.DataFrame, *, model: str, preset: str, metric: str, band
     eligible = eligible[eligible["speedup"].notna()] if len(eligible) else eligible
 
     ref_memory = _reference_memory(frame)
-    choice: dict[str, Any]
-    best = eligible.sort_values("speedup", ascending=False).iloc[0] if len(eligible) else None
+    best = _fastest(eligible)
     if best is not None and _num(best, "speedup_low") > 1.0:
-        setting = _setting(best)
-        choice = {
-            "setting": setting.model_dump(mode="json"),
-            "label": setting.label(),
-            "speedup": _num(best, "speedup"),
-            "speedup_interval": [_num(best, "speedup_low"), _num(best, "speedup_high")],
-            "peak_memory_mib": _num(best, "peak_memory_mib"),
-            "memory_saving": 1 - _num(best, "peak_memory_mib") / ref_memory if ref_memory else math.nan,
-            "drift": _num(best, "drift"),
-            "differs_from_default": _differences(setting, reference),
-            "verdict": "faster with no measurable quality effect",
-        }
+        choice = {**_describe(best, reference, ref_memory), "verdict": "faster with no measurable quality effect"}
     else:
         why = ("no setting both stayed inside the noise band and was measurably faster (speedup interval above 1)"
                if len(trained) else "no candidate setting reached quality training")
@@ -136,6 +124,12 @@ def recommend(frame: pd.DataFrame, *, model: str, preset: str, metric: str, band
         choice = {"setting": reference.model_dump(mode="json"), "label": reference.label(), "speedup": 1.0,
                   "speedup_interval": [1.0, 1.0], "peak_memory_mib": ref_memory, "memory_saving": 0.0,
                   "drift": 0.0, "differs_from_default": {}, "verdict": f"keep fp32: {why}"}
+    # the seed reports give both: the gain at the reference batch, and with the batch a setting allows
+    by_batch = {}
+    for name, subset in (("same_batch", eligible[eligible["batch_size"] == reference.batch_size] if len(eligible) else eligible),
+                         ("larger_batch", eligible[eligible["batch_size"] > reference.batch_size] if len(eligible) else eligible)):
+        row = _fastest(subset)
+        by_batch[name] = _describe(row, reference, ref_memory) if row is not None else None
 
     front = pareto_front(trained[trained["status"] == "ok"]) if len(trained) else trained
     statuses = cands["status"].value_counts().to_dict() if len(cands) else {}
@@ -150,7 +144,28 @@ def recommend(frame: pd.DataFrame, *, model: str, preset: str, metric: str, band
              "inside_band": bool(r.get("inside_band", 0))}
             for _, r in front.iterrows()
         ] if len(front) else [],
+        "best_same_batch": by_batch["same_batch"],
+        "best_larger_batch": by_batch["larger_batch"],
         "settings_by_status": {str(k): int(v) for k, v in statuses.items()},
+    }
+
+
+def _fastest(rows: pd.DataFrame) -> pd.Series | None:
+    return rows.sort_values("speedup", ascending=False).iloc[0] if len(rows) else None
+
+
+def _describe(row: pd.Series, reference: Setting, ref_memory: float) -> dict[str, Any]:
+    setting = _setting(row)
+    memory = _num(row, "peak_memory_mib")
+    return {
+        "setting": setting.model_dump(mode="json"),
+        "label": setting.label(),
+        "speedup": _num(row, "speedup"),
+        "speedup_interval": [_num(row, "speedup_low"), _num(row, "speedup_high")],
+        "peak_memory_mib": memory,
+        "memory_saving": 1 - memory / ref_memory if ref_memory and math.isfinite(ref_memory) else math.nan,
+        "drift": _num(row, "drift"),
+        "differs_from_default": _differences(setting, reference),
     }
 
 
@@ -193,70 +208,3 @@ def load_recommended_setting(path: str | Path) -> Setting:
     """The recommended ``Setting`` from a recommendation file, ready for ``Trainer``."""
     data = yaml.safe_load(Path(path).read_text())
     return Setting.model_validate(data["recommended"]["setting"])
-
-
-def _fmt(value: Any, spec: str = ".2f") -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "-" if value is None else str(value)
-    return "-" if not math.isfinite(value) else format(value, spec)
-
-
-def results_table_text(frame: pd.DataFrame, band: Band | None) -> str:
-    """The terminal/markdown table of every setting tried."""
-    header = "| setting | status | speedup [95% CI] | peak MiB | drift | inside band |"
-    lines = [header, "|---|---|---|---|---|---|"]
-    refs = frame[frame["kind"] == "reference"]
-    for _, r in refs.iterrows():
-        lines.append(f"| fp32 reference seed {int(r['seed'])} | {r.get('status')} | 1.00 (reference) | "
-                     f"{_fmt(r.get('peak_memory_mib'), '.0f')} | {_fmt(r.get(band.metric) - band.mean if band else None, '+.4f')} | - |")
-    cands = frame[frame["kind"] == "candidate"]
-    if "speedup" in cands:
-        cands = cands.sort_values("speedup", ascending=False, na_position="last")
-    for _, r in cands.iterrows():
-        score = score_outcome(r.to_dict(), band) if band is not None and float(r.get("trained") or 0) > 0 else None
-        interval = f"{_fmt(r.get('speedup'))} [{_fmt(r.get('speedup_low'))}, {_fmt(r.get('speedup_high'))}]"
-        lines.append(
-            f"| {r.get('label')} | {r.get('status')} | {interval} | {_fmt(r.get('peak_memory_mib'), '.0f')} | "
-            f"{_fmt(score['drift'], '+.4f') if score else 'not trained'} | "
-            f"{('yes' if score['inside_band'] else 'no') if score else '-'} |")
-    return "\n".join(lines)
-
-
-def write_report(rec: dict[str, Any], frame: pd.DataFrame, directory: Path, *, tracking_uri: str,
-                 machine: str) -> Path:
-    band = Band(**rec["noise_band"])
-    r = rec["recommended"]
-    lines = [
-        f"# AMP study: {rec['model']} ({rec['preset']} preset)",
-        "",
-        f"Machine: {machine}",
-        "",
-        "## Recommendation",
-        "",
-        f"**{r['label']}** — {r['verdict']}.",
-        "",
-        f"- speedup {_fmt(r['speedup'])}x, 95% interval [{_fmt(r['speedup_interval'][0])}, {_fmt(r['speedup_interval'][1])}] "
-        "(median of paired, interleaved ratios against fp32 on the same worker)",
-        f"- peak memory {_fmt(r['peak_memory_mib'], '.0f')} MiB (saving {_fmt(100 * (r['memory_saving'] or 0), '.0f')}%)",
-        f"- drift of {band.metric} {_fmt(r['drift'], '+.4f')}; fp32 noise band ±{_fmt(band.tolerance, '.4f')} "
-        f"around {_fmt(band.mean, '.4f')} over {len(band.values)} seeds",
-        f"- differs from the default in: {r['differs_from_default'] or 'nothing'}",
-        "",
-        "## Every setting tried",
-        "",
-        results_table_text(frame, band),
-        "",
-        "## Pareto front (speedup vs drift)",
-        "",
-    ]
-    for alt in rec["alternatives"]:
-        lines.append(f"- {alt['label']}: {_fmt(alt['speedup'])}x, drift {_fmt(alt['drift'], '+.4f')}, "
-                     f"{'inside' if alt['inside_band'] else 'outside'} the band")
-    if not rec["alternatives"]:
-        lines.append("- (no trained setting)")
-    lines += ["", "## Browse the runs", "", f"    mlflow ui --backend-store-uri {tracking_uri}", ""]
-    path = directory / "report.md"
-    path.write_text("\n".join(lines))
-    return path

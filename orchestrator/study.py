@@ -22,14 +22,17 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 
 from orchestrator import recommend as rec_mod
+from orchestrator import report as report_mod
 from orchestrator import search
 from orchestrator.config import StudyConfig
 from orchestrator.results import ResultsTable
-from orchestrator.settings import Setting
+from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.tracking import Tracker
 
+CONFIG_FILE = "study.yaml"
 FINAL_PROFILE = ("ok", "slower", "diverged", "oom", "error")
 
 
@@ -56,27 +59,99 @@ class Study:
         self.output.mkdir(parents=True, exist_ok=True)
         self.table = ResultsTable(results)
         self.storage = self.output / "ray"
-        self.tracker = Tracker(tracking_uri, config.tracking.experiment or config.experiment)
+        # the study's own copy of its configuration: `python -m orchestrator sync/report` read it
+        (self.output / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        self._tracker: Tracker | None = None
+        self._tracking_retry_at = 0.0
         self.timings: dict[str, float] = {}
+
+    @classmethod
+    def reopen(cls, output: Path, tracking_uri: str | None = None, log=print) -> "Study":
+        """The study in ``output`` (for sync/report), without Ray."""
+        from orchestrator.config import parse_config
+        from orchestrator.tracking import resolve_tracking_uri
+
+        config = parse_config(yaml.safe_load((output / CONFIG_FILE).read_text()), str(output / CONFIG_FILE))
+        uri = resolve_tracking_uri(tracking_uri, config.tracking.uri, output)
+        return cls(config, output, uri, resume=True, log=log)
+
+    # ------------------------------------------------------------------ MLflow (never loses a row)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.config.tracking.experiment or self.config.experiment
+
+    def tracker(self) -> Tracker:
+        """Connected tracker with the study's parent run (created once, reused on resume)."""
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, self.experiment_name)
+        if self._tracker.parent_id is None:
+            parent = (self.table.get("study") or {}).get("study_run_id")
+            cfg = self.config
+            parent_id = self._tracker.start_study(cfg.experiment, {
+                "model": cfg.model.name, "preset": cfg.model.preset, "metric": cfg.quality.metric,
+                "reference": cfg.reference.label(), "workers": cfg.resources.workers}, run_id=parent)
+            if parent is None:
+                self._tracker.log_study_config(cfg.model_dump(mode="json"))
+            self.table.upsert("study", {"kind": "study", "study_run_id": parent_id})
+        return self._tracker
+
+    def _log_row(self, row_id: str) -> bool:
+        """Log one table row to MLflow; on failure mark it pending (``sync`` logs it later)."""
+        if time.time() < self._tracking_retry_at:
+            self.table.upsert(row_id, {"mlflow_pending": 1})
+            return False
+        row = self.table.get(row_id)
+        params = {k: v for k, v in row.items() if k in Setting.model_fields or k.startswith("eps.")
+                  or k in SpeedFlags.model_fields or k == "seed"}
+        try:
+            tracker = self.tracker()
+            run_id = tracker.ensure_run(row, row.get("label", row_id), params)
+            row = self.table.upsert(row_id, {"mlflow_run_id": run_id})
+            grid = row.get("samples_grid")
+            tracker.update_run(run_id, row, [Path(grid)] if grid else [])
+            self.table.upsert(row_id, {"mlflow_pending": 0})
+            return True
+        except Exception as error:  # noqa: BLE001 - tracking trouble must not lose the measurement
+            self._tracking_retry_at = time.time() + 60
+            self.table.upsert(row_id, {"mlflow_pending": 1})
+            self.log(f"warning: MLflow at {self.tracking_uri} is unreachable ({type(error).__name__}: "
+                     f"{str(error)[:200]}); results stay in results.parquet and are logged when it is back "
+                     "(or by `python -m orchestrator sync`)")
+            return False
+
+    def sync(self) -> tuple[int, int]:
+        """Log every row MLflow is missing; returns (logged, still pending)."""
+        self._tracking_retry_at = 0.0
+        todo = [row_id for row_id, row in self.table.rows.items()
+                if row.get("kind") in ("candidate", "reference")
+                and (row.get("mlflow_pending") or not row.get("mlflow_run_id"))]
+        logged = 0
+        for row_id in todo:
+            if not self._log_row(row_id):
+                break
+            logged += 1
+        return logged, len(todo) - logged
 
     # ------------------------------------------------------------------ rows
 
-    def _record(self, row_id: str, values: dict[str, Any], name: str, params: dict[str, Any],
-                artifacts: list[Path] = ()) -> dict[str, Any]:
-        """Write a row to the table first (source of truth), then to MLflow."""
-        row = self.table.upsert(row_id, {**values, "updated_at": _now()})
-        try:
-            run_id = self.tracker.log_row(row, name, params, artifacts)
-            row = self.table.upsert(row_id, {"mlflow_run_id": run_id})
-        except Exception as error:  # noqa: BLE001 - tracking trouble must not lose the measurement
-            self.log(f"warning: MLflow logging of {name!r} failed ({error}); the row is kept in results.parquet")
-        return row
+    def _record(self, row_id: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Write a row to the table first (the source of truth), then to MLflow."""
+        self.table.upsert(row_id, {**values, "updated_at": _now()})
+        self._log_row(row_id)
+        return self.table.get(row_id)
 
-    def _candidate_row(self, setting: Setting, values: dict[str, Any], artifacts: list[Path] = ()) -> dict[str, Any]:
+    def _candidate_row(self, setting: Setting, values: dict[str, Any]) -> dict[str, Any]:
         base = {"kind": "candidate", "setting_key": setting.key(), "label": setting.label(), **setting.flat()}
-        return self._record(setting.key(), {**base, **values}, setting.label(), setting.flat(), artifacts)
+        return self._record(setting.key(), {**base, **values})
 
     # ------------------------------------------------------------------ stages
+
+    @property
+    def model_name(self) -> str:
+        from models.base import load_model
+
+        return load_model(self.config.model.name, **self.config.model.options).name
 
     def candidates(self) -> list[Setting]:
         """The grid, with eps values equal to the model's defaults dropped (so the default-eps fp32
@@ -137,9 +212,8 @@ class Study:
                 result = finished[str(seed)]
                 self._record(f"reference:{seed}",
                              {"kind": "reference", "seed": seed, "label": f"fp32 reference seed {seed}",
-                              **reference.flat(), **result, **memory, "speedup": 1.0, "trained": 1},
-                             f"fp32 reference seed {seed}", {**reference.flat(), "seed": seed},
-                             [grid] if grid and seed == todo[0] else [])
+                              **reference.flat(), **result, **memory, "speedup": 1.0, "trained": 1,
+                              "samples_grid": str(grid) if grid and seed == todo[0] else None})
         frame = self.table.frame()
         band = rec_mod.reference_band(frame, self.config.quality.metric, self.config.quality.band_multiplier)
         self.log(f"noise band of {band.metric}: {band.mean:.4f} ± {band.tolerance:.4f} over {len(band.values)} seeds")
@@ -163,13 +237,13 @@ class Study:
             key = metrics.get("setting_key")
             if key not in by_key or not metrics.get("trained"):
                 return
-            values = {k: v for k, v in metrics.items() if k not in ("config", "setting_key", "label", "samples_grid")
+            values = {k: v for k, v in metrics.items() if k not in ("config", "setting_key", "label")
                       and not k.startswith(("time_", "timestamp", "date", "hostname", "node_ip", "pid",
                                             "training_iteration", "iterations_since", "checkpoint_dir", "done",
                                             "experiment_tag", "trial_id"))}
-            values.update({"trial_done": 1, "trained_at": _now(), "status": metrics.get("status", "ok")})
-            grid = Path(metrics["samples_grid"]) if metrics.get("samples_grid") else None
-            self._candidate_row(by_key[key], values, [grid] if grid else [])
+            values.update({"trial_done": 1, "trained_at": _now(), "status": metrics.get("status", "ok"),
+                           "samples_grid": metrics.get("samples_grid") or None})
+            self._candidate_row(by_key[key], values)
             self.log(f"[stage 2] {by_key[key].label()}: {values['status']}, speedup {metrics.get('speedup', math.nan):.2f}, "
                      f"drift {metrics.get('drift', math.nan):+.4f} ({'inside' if metrics.get('inside_band') else 'outside'} band)")
 
@@ -182,43 +256,52 @@ class Study:
     # ------------------------------------------------------------------ all of it
 
     def run(self) -> dict[str, Any]:
-        cfg = self.config
-        parent = next((r.get("study_run_id") for r in [self.table.get("study") or {}]), None)
-        parent_id = self.tracker.start_study(cfg.experiment, {
-            "model": cfg.model.name, "preset": cfg.model.preset, "metric": cfg.quality.metric,
-            "reference": cfg.reference.label(), "workers": cfg.resources.workers}, run_id=parent)
-        self.table.upsert("study", {"kind": "study", "study_run_id": parent_id, "started_at": _now()})
+        self.table.upsert("study", {"kind": "study", "started_at": _now()})
         started = time.time()
         try:
+            self.sync()  # a resumed study first logs what an unreachable server missed
             settings = self.candidates()
             known = self.profile(settings)
             band = self.references()
             self.quality_search(settings, known, band)
             result = self.finish(time.time() - started)
         except BaseException:
-            self.tracker.finish("FAILED")
+            self._finish_parent("FAILED")
             raise
-        self.tracker.finish("FINISHED")
+        self._finish_parent("FINISHED")
         return result
+
+    def _finish_parent(self, status: str) -> None:
+        try:
+            if self._tracker is not None and self._tracker.parent_id:
+                self._tracker.finish(status)
+        except Exception:  # noqa: BLE001 - the parent's status is cosmetic
+            pass
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         cfg = self.config
+        logged, pending = self.sync()
+        if pending:
+            self.log(f"warning: {pending} rows are not in MLflow yet: run `python -m orchestrator sync "
+                     f"--output {self.output}` when {self.tracking_uri} answers")
         frame = self.table.frame()
-        rec = rec_mod.recommend(frame, model=Path(cfg.model.name).stem.split(":")[0] if ".py" in cfg.model.name
-                                else cfg.model.name, preset=cfg.model.preset, metric=cfg.quality.metric,
+        rec = rec_mod.recommend(frame, model=self.model_name, preset=cfg.model.preset, metric=cfg.quality.metric,
                                 band_multiplier=cfg.quality.band_multiplier, reference=cfg.reference)
         rec["study"] = {"experiment": cfg.experiment, "machine": machine_description(),
+                        "resolution": f"{cfg.data.height}x{cfg.data.width}",
+                        "reference_batch_size": cfg.reference.batch_size,
                         "wall_seconds": wall_seconds, "stage_seconds": self.timings,
-                        "mlflow_parent_run": self.tracker.parent_id, "tracking_uri": self.tracking_uri}
+                        "mlflow_parent_run": (self.table.get("study") or {}).get("study_run_id"),
+                        "tracking_uri": self.tracking_uri}
         rec_path = rec_mod.write_recommendation(rec, self.output)
-        report = rec_mod.write_report(rec, frame, self.output, tracking_uri=self.tracking_uri,
-                                      machine=machine_description())
+        report = report_mod.write_report(rec, frame, self.output, tracking_uri=self.tracking_uri,
+                                         machine=machine_description())
         try:
-            self.tracker.log_study_artifacts([rec_path, report, self.table.path],
-                                             {"wall_seconds": wall_seconds,
-                                              "recommended_speedup": float(rec["recommended"]["speedup"])})
+            self.tracker().log_study_artifacts([rec_path, report, self.table.path, self.output / "report_images"],
+                                               {"wall_seconds": wall_seconds,
+                                                "recommended_speedup": float(rec["recommended"]["speedup"])})
         except Exception as error:  # noqa: BLE001
             self.log(f"warning: MLflow artifact logging failed ({error})")
         rec["paths"] = {"recommendation": str(rec_path), "report": str(report), "results": str(self.table.path)}
-        rec["table"] = rec_mod.results_table_text(frame, rec_mod.Band(**rec["noise_band"]))
+        rec["table"] = report_mod.results_table_text(frame, rec_mod.Band(**rec["noise_band"]))
         return rec

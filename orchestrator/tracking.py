@@ -6,9 +6,11 @@ kept in the results table: logging the same row again updates its run instead of
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,11 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+
+# fail fast when a tracking server is down (the default retries take minutes per call); the study
+# keeps every row in results.parquet and logs it once the server answers again
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
 def default_tracking_uri(output: Path) -> str:
@@ -51,25 +58,33 @@ class Tracker:
         self._log_params(self.parent_id, params)
         return self.parent_id
 
-    def log_row(self, row: dict[str, Any], name: str, params: dict[str, Any],
-                artifacts: list[Path] = ()) -> str:
-        """Create (or update) the child run of one results-table row; returns its run id."""
+    def ensure_run(self, row: dict[str, Any], name: str, params: dict[str, Any]) -> str:
+        """The row's child run id, creating the run (with its params) if the row has none yet.
+        Callers store the id at once, so a later failure can never lead to a duplicate run."""
         run_id = row.get("mlflow_run_id")
-        if not run_id:
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={PARENT_TAG: self.parent_id, "amp.kind": row.get("kind", "")})
-            run_id = run.info.run_id
-            self._log_params(run_id, params)
+        if run_id:
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={PARENT_TAG: self.parent_id, "amp.kind": str(row.get("kind", "")),
+                                           "amp.row_id": str(row["row_id"])})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def update_run(self, run_id: str, row: dict[str, Any], artifacts: list[Path] = ()) -> None:
+        """Metrics, status tag, the row itself (``row.json``: what ``report`` rebuilds from) and
+        artifacts; then mark the run finished."""
         self.client.set_tag(run_id, "status", str(row.get("status", "")))
         metrics = {k: float(v) for k, v in row.items()
                    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)}
         self._log_metrics(run_id, metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "row.json"
+            path.write_text(json.dumps(row, default=str))
+            self.client.log_artifact(run_id, str(path))
         for path in artifacts:
-            if Path(path).exists():
+            if path and Path(path).exists():
                 self.client.log_artifact(run_id, str(path))
-        terminal = "FAILED" if row.get("status") in ("error",) else "FINISHED"
-        self.client.set_terminated(run_id, status=terminal)
-        return run_id
+        self.client.set_terminated(run_id, status="FAILED" if row.get("status") == "error" else "FINISHED")
 
     def log_study_artifacts(self, paths: list[Path], metrics: dict[str, float] | None = None) -> None:
         for path in paths:
@@ -84,6 +99,12 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.parent_id:
             self.client.set_terminated(self.parent_id, status=status)
+
+    def log_study_config(self, config: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "study.json"
+            path.write_text(json.dumps(config))
+            self.client.log_artifact(self.parent_id, str(path))
 
     def child_runs(self) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",

@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models.base import Batch, GANModel, Nets
+from orchestrator import affinity as cpu_affinity
+from orchestrator import fusion
 from orchestrator.config import DataConfig
 from orchestrator.precision import Diverged, PrecisionPolicy
 from orchestrator.settings import Setting
@@ -119,6 +121,9 @@ class Trainer:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
+        # affinity flag: decided now, applied around each run() and undone after it, so settings
+        # interleaved in one process (stage-1 profiling) don't inherit each other's pinning
+        self.affinity = cpu_affinity.plan_affinity(self.device) if setting.flags.affinity else None
 
         # networks: build in fp32 on CPU with a fixed seed (same init on every rank), then move,
         # cast to the precision policy, and wrap for DDP
@@ -237,7 +242,12 @@ class Trainer:
         """Train ``warmup + steps`` steps; time the last ``steps`` with device synchronisation.
 
         Divergence and out-of-memory end the run early with that status instead of raising, so a
-        caller can record them and go on."""
+        caller can record them and go on. With the affinity flag the process is pinned meanwhile."""
+        with cpu_affinity.pinned(self.affinity):
+            return self._run(steps, warmup, on_step)
+
+    def _run(self, steps: int, warmup: int,
+             on_step: Callable[[int, dict[str, float]], None] | None) -> RunRecord:
         record = RunRecord()
         for net in self.nets.named().values():
             net.train()
@@ -276,6 +286,20 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def speed_info(self) -> dict[str, Any]:
+        """What the speed flags resolved to here, flat, for a trial to log: the optimizer
+        implementation per network (fused | foreach | default), fusion fallbacks and compile
+        seconds so far, and the affinity plan."""
+        flags = self.setting.flags
+        info: dict[str, Any] = {f"optimizer_impl_{n}": impl for n, impl in self.policy.optimizer_impl.items()}
+        if flags.fused_optimizer:
+            info["optimizer_apex"] = fusion.apex_fused_adam()[1]
+        if flags.fusion != "none":
+            info.update(fusion.status(flags.fusion))
+        info["affinity"] = self.affinity.describe() if self.affinity is not None else "off"
+        return info
 
     @property
     def samples_seen(self) -> int:

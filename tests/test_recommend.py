@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from orchestrator.recommend import (Band, load_recommended_setting, recommend, score_outcome,
-                                    write_recommendation, write_report)
+from orchestrator.recommend import Band, load_recommended_setting, recommend, score_outcome, write_recommendation
+from orchestrator.report import write_report
 from orchestrator.results import ResultsTable
 from orchestrator.settings import Setting
 

@@ -57,6 +57,19 @@ def test_tiny_study_end_to_end(tiny_study):
     setting = load_recommended_setting(out / "recommendations" / "pix2pixhd.yaml")
     assert setting.label() in (out / "report.md").read_text()
 
+    # the report and recommendation rebuild identically from results.parquet alone and from MLflow alone
+    original = yaml.safe_load((out / "recommendations" / "pix2pixhd.yaml").read_text())
+    for source, target in ((["--output", str(out)], out.parent / "from-parquet"),
+                           (["--experiment", "e2e", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"],
+                            out.parent / "from-mlflow")):
+        rebuilt = subprocess.run([sys.executable, "-m", "orchestrator", "report", *source, "--to", str(target)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+        again_rec = yaml.safe_load((target / "recommendations" / "pix2pixhd.yaml").read_text())
+        assert again_rec["recommended"] == original["recommended"], source
+        assert again_rec["alternatives"] == original["alternatives"], source
+        assert (target / "report_images" / "pareto.png").stat().st_size > 1000
+
     # --resume on a finished study re-runs nothing and duplicates no MLflow run
     again = subprocess.run([sys.executable, "run_experiment.py", "--search-space", str(space), "--output", str(out),
                             "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=1200)

@@ -1,0 +1,108 @@
+"""``python -m orchestrator``: work with a finished (or interrupted) study without re-running it.
+
+    python -m orchestrator report --output runs/pix2pixhd-tiny          # from results.parquet
+    python -m orchestrator report --experiment pix2pixhd-tiny --tracking-uri URI --to DIR   # from MLflow alone
+    python -m orchestrator sync --output runs/pix2pixhd-tiny [--tracking-uri URI]   # log rows MLflow missed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def frame_from_mlflow(uri: str, experiment: str) -> tuple[dict, pd.DataFrame, str]:
+    """(study config, results table, parent run id) of the experiment's latest study, from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import PARENT_TAG
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SystemExit(f"error: no MLflow experiment {experiment!r} at {uri}")
+    parents = client.search_runs([found.experiment_id], filter_string="tags.`amp.kind` = 'study'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise SystemExit(f"error: experiment {experiment!r} has no study run")
+    parent = parents[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", tmp)).read_text())
+        children = client.search_runs([found.experiment_id], max_results=10000,
+                                      filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+        rows = []
+        for run in children:
+            local = client.download_artifacts(run.info.run_id, "row.json", tmp)
+            rows.append(json.loads(Path(local).read_text()))
+    return config, pd.DataFrame(rows), parent.info.run_id
+
+
+def build_report(config_raw: dict, frame: pd.DataFrame, target: Path, tracking_uri: str) -> dict:
+    from orchestrator.config import parse_config
+    from orchestrator.recommend import recommend, write_recommendation
+    from orchestrator.report import write_report
+    from models.base import load_model
+
+    config = parse_config(config_raw, "study configuration")
+    model = load_model(config.model.name, **config.model.options)
+    rec = recommend(frame, model=model.name, preset=config.model.preset, metric=config.quality.metric,
+                    band_multiplier=config.quality.band_multiplier, reference=config.reference)
+    rec["study"] = {"experiment": config.experiment, "resolution": f"{config.data.height}x{config.data.width}",
+                    "reference_batch_size": config.reference.batch_size, "tracking_uri": tracking_uri}
+    write_recommendation(rec, target)
+    write_report(rec, frame, target, tracking_uri=tracking_uri, machine="(rebuilt from recorded results)")
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="rebuild report.md and the recommendation")
+    rep.add_argument("--output", type=Path, help="a study's output folder (reads its results.parquet)")
+    rep.add_argument("--experiment", help="MLflow experiment name (rebuild from MLflow alone)")
+    rep.add_argument("--tracking-uri", help="MLflow tracking URI (with --experiment)")
+    rep.add_argument("--to", type=Path, help="where to write (default: the study folder, or reports/<experiment>)")
+    syn = sub.add_parser("sync", help="log to MLflow the rows it missed while unreachable")
+    syn.add_argument("--output", type=Path, required=True)
+    syn.add_argument("--tracking-uri")
+    args = parser.parse_args(argv)
+
+    if args.command == "sync":
+        from orchestrator.study import Study
+
+        study = Study.reopen(args.output.resolve(), args.tracking_uri)
+        logged, pending = study.sync()
+        print(f"logged {logged} rows to {study.tracking_uri}; {pending} still pending")
+        return 0 if pending == 0 else 1
+
+    if args.experiment:
+        import os
+
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            parser.error("--experiment needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+        config, frame, _ = frame_from_mlflow(uri, args.experiment)
+        target = args.to or Path("reports") / args.experiment
+    elif args.output:
+        from orchestrator.study import CONFIG_FILE
+
+        folder = args.output.resolve()
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+        frame = pd.read_parquet(folder / "results.parquet")
+        uri = args.tracking_uri or f"sqlite:///{folder / 'mlflow.db'}"
+        target = args.to or folder
+    else:
+        parser.error("report needs --output DIR or --experiment NAME")
+    rec = build_report(config, frame, target.resolve(), uri)
+    print(f"recommended for {rec['model']}: {rec['recommended']['label']} — {rec['recommended']['verdict']}")
+    print(f"written to {target.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
