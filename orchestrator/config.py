@@ -182,6 +182,11 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
         raise ConfigError(_format_errors(error, source)) from None
     from models.base import load_model  # local: keeps config importable without torch work
 
+    if ".py:" in config.model.name:
+        # user model files are loaded again on every Ray worker, whose working directory differs
+        path, _, cls_name = config.model.name.rpartition(":")
+        config.model.name = f"{Path(path).expanduser().resolve()}:{cls_name}"
+
     try:
         model = load_model(config.model.name, **config.model.options)
         model.arch(config.model.preset)

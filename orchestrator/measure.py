@@ -112,3 +112,15 @@ def paired_profile(reference: Trainer, candidate: Trainer, *, steps: int, rounds
         if result.status == "ok" and slower_than is not None and result.speed.high < slower_than:
             result.status = "slower"
     return result
+
+
+def unpaired_profile(reference: Trainer, candidate: Trainer, *, steps: int, rounds: int, warmup: int) -> SpeedEstimate:
+    """The naive estimate, for comparison only: all reference blocks first, then all candidate
+    blocks, ratio of the two median throughputs. A drift in machine speed between the two phases
+    lands entirely in the ratio; ``paired_profile`` cancels it."""
+    reference.run(0, warmup=warmup)
+    candidate.run(0, warmup=warmup)
+    ref = [throughput(reference.run(steps), reference.setting.batch_size, reference.world_size) for _ in range(rounds)]
+    cand = [throughput(candidate.run(steps), candidate.setting.batch_size, candidate.world_size) for _ in range(rounds)]
+    ratios = [c / r for c, r in zip(cand, ref)]
+    return bootstrap_median(ratios)

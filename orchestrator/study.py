@@ -12,6 +12,7 @@ their MLflow runs are reused.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import platform
 import random
@@ -179,7 +180,10 @@ class Study:
             self.log(f"stage 1: profiling {len(todo)} settings against fp32 "
                      f"({self.config.budget.profile_rounds} interleaved rounds of {self.config.budget.profile_steps} steps)")
             started = time.time()
-            done = search.run_profile(self.config, todo, self.storage, name=f"profile-{len(self.table.rows)}")
+            # a deterministic name: an interrupted study resumes the same Ray Train run from its
+            # latest checkpoint, so settings profiled before the interruption are not profiled again
+            digest = hashlib.sha1("".join(sorted(s.key() for s in todo)).encode()).hexdigest()[:10]
+            done = search.run_profile(self.config, todo, self.storage, name=f"profile-{digest}")
             self.timings["profile"] = time.time() - started
             reference = done.pop("reference", {})
             self.table.upsert("study", {f"reference_{k}": v for k, v in reference.items()})

@@ -78,6 +78,9 @@ def _model_and_data(study: StudyConfig):
 
 
 def _trainer(study: StudyConfig, setting: Setting, seed: int) -> Trainer:
+    # as many intra-op threads as CPUs Ray gave this worker: more would fight other workers for
+    # cores and make timings depend on whatever else runs on the node
+    torch.set_num_threads(max(1, int(study.resources.cpus_per_worker)))
     model, data = _model_and_data(study)
     return Trainer(model, setting, preset=study.model.preset, data=data, seed=seed,
                    device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model)
@@ -183,9 +186,14 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
             continue
         trainer = _trainer(study, setting, seed)
         curve: list[list[float]] = []
+        resumed_from = 0
         if progress.get("current_seed") == seed and restored_dir is not None:
             trainer.load(restored_dir)
             curve = progress.get("curve", [])
+            resumed_from = trainer.step
+            if _rank() == 0:
+                print(f"[quality] {setting.label()} seed {seed}: resumed from the checkpoint at step {trainer.step}",
+                      flush=True)
         total_steps = max(1, math.ceil(budget.train_samples / (setting.batch_size * trainer.world_size)))
         status, reason, step_times, skipped = "ok", "", [], progress.get("skipped", 0)
         started = time.time()
@@ -210,7 +218,8 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = {
             "status": status, "reason": reason, "seed": seed, "steps": trainer.step,
             "samples": trainer.samples_seen, "train_seconds": time.time() - started,
-            "skipped_steps": skipped, "curve": curve,
+            "skipped_steps": skipped, "curve": curve, "resumed_from_step": resumed_from,
+            "world_size": trainer.world_size,
             "throughput": (len(step_times) * setting.batch_size * trainer.world_size / sum(step_times))
             if step_times else math.nan,
             **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from orchestrator.measure import bootstrap_median, paired_profile
+from orchestrator.measure import bootstrap_median, paired_profile, unpaired_profile
 from orchestrator.settings import Setting
 from orchestrator.trainer import RunRecord
 
@@ -75,3 +75,41 @@ def test_noise_alone_does_not_mark_an_equal_setting_slower():
     result = paired_profile(ref, cand, steps=2, rounds=6, warmup=0)
     assert result.status == "ok"
     assert result.speed.low <= 1.0 <= result.speed.high
+
+
+def drifting_machine(rate: float):
+    """The machine slows down steadily (thermal throttling, a noisy neighbour arriving), with a
+    little jitter: step n costs (1 + rate * n) times its nominal time."""
+    import random
+
+    rng = random.Random(0)
+    n = 0
+    while True:
+        yield (1 + rate * n) * rng.uniform(0.98, 1.02)
+        n += 1
+
+
+def test_paired_timing_survives_planted_machine_drift_where_unpaired_does_not():
+    truth = 1.5  # the candidate is truly 1.5x faster
+    paired = paired_profile(FakeTrainer(0.15, m := drifting_machine(0.01)), FakeTrainer(0.10, m),
+                            steps=4, rounds=8, warmup=1)
+    unpaired = unpaired_profile(FakeTrainer(0.15, m := drifting_machine(0.01)), FakeTrainer(0.10, m),
+                                steps=4, rounds=8, warmup=1)
+    assert paired.speed.low <= truth <= paired.speed.high
+    assert abs(paired.speed.speedup - truth) < 0.1
+    # the unpaired estimate blames the machine's slowdown on the candidate, confidently
+    assert not (unpaired.low <= truth <= unpaired.high)
+    assert unpaired.speedup < truth - 0.3
+
+
+def test_intervals_widen_when_timing_noise_grows():
+    import random
+
+    def noisy(spread):
+        rng = random.Random(1)
+        while True:
+            yield rng.uniform(1 - spread, 1 + spread)
+
+    calm = paired_profile(FakeTrainer(0.1, m := noisy(0.01)), FakeTrainer(0.05, m), steps=2, rounds=8, warmup=0)
+    loud = paired_profile(FakeTrainer(0.1, m := noisy(0.3)), FakeTrainer(0.05, m), steps=2, rounds=8, warmup=0)
+    assert (loud.speed.high - loud.speed.low) > 3 * (calm.speed.high - calm.speed.low)

@@ -1,0 +1,35 @@
+"""Models that fail on purpose, for the fault tests (loaded by path like any user model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.base import load_model
+
+# the README's example model, loaded by path as the orchestrator loads any user model
+Colorizer = type(load_model(f"{Path(__file__).resolve().parents[1] / 'examples' / 'user_model.py'}:Colorizer"))
+
+
+class FaultyColorizer(Colorizer):
+    """The example colouriser with two planted faults:
+
+    * a batch larger than ``oom_above`` raises the allocator's out-of-memory error;
+    * under half precision (O2/O3 inputs) the generator loss turns NaN after ``nan_after`` calls, so
+      a setting passes the few profiling steps and then diverges in quality training."""
+
+    presets = {name: {**arch, "oom_above": 4, "nan_after": 12} for name, arch in Colorizer.presets.items()}
+
+    def build(self, preset, eps, flags):
+        arch = self.arch(preset)
+        self.oom_above, self.nan_after, self.calls = arch["oom_above"], arch["nan_after"], 0
+        return super().build(preset, eps, flags)
+
+    def generator_loss(self, nets, batch):
+        if batch["gray"].shape[0] > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (planted by the test)")
+        loss, logs = super().generator_loss(nets, batch)
+        self.calls += 1
+        if batch["gray"].dtype != torch.float32 and self.calls > self.nan_after:
+            loss = loss * float("nan")
+        return loss, logs
