@@ -122,15 +122,15 @@ def plot_curves(frame: pd.DataFrame, rec: dict, path: Path) -> Path:
     for _, r in frame[frame["kind"] == "reference"].iterrows():
         curve = _curve(r)
         if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], color="grey", alpha=0.7,
+            ax.plot([c[0] * int(r["batch_size"]) for c in curve], [c[1] for c in curve], color="grey", alpha=0.7,
                     label="fp32 references" if int(r["seed"]) == int(frame[frame["kind"] == "reference"]["seed"].min()) else None)
     chosen = frame[(frame["kind"] == "candidate") & (frame.get("label") == rec["recommended"]["label"])]
     for _, r in chosen.iterrows():
         curve = _curve(r)
         if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], color="tab:blue", lw=2,
+            ax.plot([c[0] * int(r["batch_size"]) for c in curve], [c[1] for c in curve], color="tab:blue", lw=2,
                     label=f"recommended: {r['label']}")
-    ax.set_xlabel("step")
+    ax.set_xlabel("training samples (per worker)")
     ax.set_ylabel("generator loss (mean per chunk)")
     ax.legend(fontsize=8)
     fig.tight_layout()
