@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.fusion import fused
+
 GanMode = Literal["lsgan", "hinge"]
 DOutput = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]]
 
@@ -24,14 +26,31 @@ def _predictions(outputs: DOutput) -> list[torch.Tensor]:
     return [out if torch.is_tensor(out) else out[-1] for out in outputs]
 
 
+def _fused_gan_term(mode: GanMode, target_is_real: bool, for_discriminator: bool) -> str:
+    if mode == "lsgan":
+        return "lsgan_real" if target_is_real else "lsgan_fake"
+    if mode == "hinge":
+        if not for_discriminator:
+            if not target_is_real:
+                raise ValueError("the hinge generator loss is defined for target_is_real=True only")
+            return "hinge_g"
+        return "hinge_d_real" if target_is_real else "hinge_d_fake"
+    raise ValueError(f"unknown GAN loss mode {mode!r}; allowed: lsgan, hinge")
+
+
 def gan_loss(outputs: DOutput, target_is_real: bool, mode: GanMode = "lsgan",
-             for_discriminator: bool = True) -> torch.Tensor:
+             for_discriminator: bool = True, fusion: str = "none") -> torch.Tensor:
     """Adversarial loss averaged over scales.
 
     lsgan: mean squared distance of the predictions to 1 (real) or 0 (fake), same form for D and G.
     hinge: D uses relu(1 - pred) on real and relu(1 + pred) on fake; G uses -pred (call it with
-    ``target_is_real=True, for_discriminator=False``)."""
+    ``target_is_real=True, for_discriminator=False``).
+    ``fusion`` (the speed flag: none | jit | compile) computes each term with the fused chain from
+    ``orchestrator.fusion`` (fp32 inside, as autocast does for ``mse_loss``)."""
     preds = _predictions(outputs)
+    if fusion != "none":
+        term = fused(_fused_gan_term(mode, target_is_real, for_discriminator), fusion)
+        return sum(term(pred) for pred in preds) / len(preds)
     losses = []
     for pred in preds:
         if mode == "lsgan":
@@ -58,24 +77,27 @@ class GANLoss(nn.Module):
             raise ValueError(f"unknown GAN loss mode {mode!r}; allowed: lsgan, hinge")
         self.mode = mode
 
-    def forward(self, outputs: DOutput, target_is_real: bool, for_discriminator: bool = True) -> torch.Tensor:
-        return gan_loss(outputs, target_is_real, self.mode, for_discriminator)
+    def forward(self, outputs: DOutput, target_is_real: bool, for_discriminator: bool = True,
+                fusion: str = "none") -> torch.Tensor:
+        return gan_loss(outputs, target_is_real, self.mode, for_discriminator, fusion)
 
 
 def feature_matching_loss(fake_outputs: Sequence[Sequence[torch.Tensor]],
                           real_outputs: Sequence[Sequence[torch.Tensor]],
-                          weight: float = 10.0) -> torch.Tensor:
+                          weight: float = 10.0, fusion: str = "none") -> torch.Tensor:
     """``weight`` x the mean over scales and intermediate layers of L1(D_feat(fake), D_feat(real)).
 
     The last entry of each scale (the prediction) is excluded and real features are detached.
     pix2pixHD sums its per-layer terms with weight 4/(n_layers+1) and per-scale weight 1/num_D,
-    which equals 4x this mean: pass ``weight=4*lambda_feat`` to reproduce its magnitude exactly."""
+    which equals 4x this mean: pass ``weight=4*lambda_feat`` to reproduce its magnitude exactly.
+    ``fusion`` != "none" computes each L1 with the fused ``l1_mean`` chain."""
     if len(fake_outputs) != len(real_outputs):
         raise ValueError(f"{len(fake_outputs)} fake scales vs {len(real_outputs)} real scales")
+    l1 = F.l1_loss if fusion == "none" else fused("l1_mean", fusion)
     terms = []
     for fake_feats, real_feats in zip(fake_outputs, real_outputs):
         for fake, real in zip(fake_feats[:-1], real_feats[:-1]):
-            terms.append(F.l1_loss(fake, real.detach()))
+            terms.append(l1(fake, real.detach()))
     if not terms:
         raise ValueError("feature matching needs discriminators that return intermediate features")
     return weight * (sum(terms) / len(terms))
@@ -131,8 +153,9 @@ class VGGLoss(nn.Module):
     The network is frozen (no parameter requires grad)."""
 
     def __init__(self, weights: str | os.PathLike | None = None,
-                 layer_weights: Sequence[float] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)):
+                 layer_weights: Sequence[float] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0), fusion: str = "none"):
         super().__init__()
+        self.fusion = fusion  # the fusion speed flag: "none" keeps F.l1_loss, else the fused l1_mean
         if len(layer_weights) != len(_VGG19_SLICES):
             raise ValueError(f"need {len(_VGG19_SLICES)} layer weights, got {len(layer_weights)}")
         features = _vgg19_features()
@@ -161,5 +184,6 @@ class VGGLoss(nn.Module):
         fake_feats = self.features(fake)
         with torch.no_grad():
             real_feats = self.features(real)
-        terms = [w * F.l1_loss(f, r) for w, f, r in zip(self.layer_weights, fake_feats, real_feats)]
+        l1 = F.l1_loss if self.fusion == "none" else fused("l1_mean", self.fusion)
+        terms = [w * l1(f, r) for w, f, r in zip(self.layer_weights, fake_feats, real_feats)]
         return sum(terms)

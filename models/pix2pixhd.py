@@ -107,6 +107,7 @@ class Pix2PixHD(GANModel):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.hparams: dict[str, Any] | None = None  # the resolved arch, set by build
+        self.fusion = "none"  # the fusion speed flag (none | jit | compile), set by build
 
     # ------------------------------------------------------------------ networks and data
 
@@ -120,8 +121,9 @@ class Pix2PixHD(GANModel):
         )
         discriminator = MultiscaleDiscriminator(in_channels + 3, arch["num_D"], arch["ndf"], arch["n_layers"],
                                                 eps=eps_norm)
-        aux = nn.ModuleDict({"vgg": VGGLoss(arch["vgg_weights"])}) if arch["use_vgg"] else None
+        aux = nn.ModuleDict({"vgg": VGGLoss(arch["vgg_weights"], fusion=flags.fusion)}) if arch["use_vgg"] else None
         self.hparams = arch
+        self.fusion = flags.fusion  # the losses' pointwise chains (orchestrator.fusion)
         return Nets(generator=generator, discriminator=discriminator, aux=aux)
 
     def _label_nc(self) -> int:
@@ -153,7 +155,8 @@ class Pix2PixHD(GANModel):
             fake = nets.generator(x)
         pred_fake = nets.discriminator(torch.cat([x, fake.to(x.dtype)], dim=1))
         pred_real = nets.discriminator(torch.cat([x, real.to(x.dtype)], dim=1))
-        loss_fake, loss_real = gan_loss(pred_fake, False), gan_loss(pred_real, True)
+        loss_fake = gan_loss(pred_fake, False, fusion=self.fusion)
+        loss_real = gan_loss(pred_real, True, fusion=self.fusion)
         loss = 0.5 * (loss_fake + loss_real)
         return loss, {"d_real": float(loss_real.detach()), "d_fake": float(loss_fake.detach())}
 
@@ -165,8 +168,8 @@ class Pix2PixHD(GANModel):
         pred_fake = nets.discriminator(torch.cat([x, fake.to(x.dtype)], dim=1))
         with torch.no_grad():  # real features are targets only
             pred_real = nets.discriminator(torch.cat([x, real.to(x.dtype)], dim=1))
-        loss_gan = gan_loss(pred_fake, True)
-        loss_feat = feature_matching_loss(pred_fake, pred_real, self.hparams["lambda_feat"])
+        loss_gan = gan_loss(pred_fake, True, fusion=self.fusion)
+        loss_feat = feature_matching_loss(pred_fake, pred_real, self.hparams["lambda_feat"], fusion=self.fusion)
         loss = loss_gan + loss_feat
         logs = {"g_gan": float(loss_gan.detach()), "g_feat": float(loss_feat.detach())}
         if self.hparams["use_vgg"]:
