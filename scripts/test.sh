@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e '.[test]'
+# the MLflow UI test drives Debian's chromium (apt, never `playwright install`); without it, it skips
+command -v chromium >/dev/null || bash scripts/install_browser.sh || echo "no chromium: the MLflow UI test will skip" >&2
 python -m pytest -q --timeout=1800 "$@"
