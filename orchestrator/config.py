@@ -52,7 +52,8 @@ class SearchConfig(BaseModel):
 
     opt_level: list[OptLevel] = Field(default_factory=lambda: ["O0", "O1"], min_length=1)
     dtype: list[HalfDtype] = Field(default_factory=lambda: ["bf16"], min_length=1)
-    batch_size: list[PositiveInt] = Field(default_factory=lambda: [2], min_length=1)
+    # "auto": per precision setting, the largest batch that fits (orchestrator/batch_finder.py)
+    batch_size: list[PositiveInt | Literal["auto"]] = Field(default_factory=lambda: [2], min_length=1)
     eps: dict[str, list[PositiveFloat]] = Field(default_factory=dict)  # site -> candidate values
     checkpointing: list[Checkpointing] = Field(default_factory=lambda: ["none"], min_length=1)
     fused_optimizer: list[bool] = Field(default_factory=lambda: [False], min_length=1)
@@ -61,6 +62,15 @@ class SearchConfig(BaseModel):
     channels_last: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     tf32: list[bool] = Field(default_factory=lambda: [False], min_length=1)
 
+    @property
+    def auto_batch(self) -> bool:
+        return "auto" in self.batch_size
+
+    @property
+    def fixed_batch_sizes(self) -> list[int]:
+        """The numeric batch sizes; with only ``auto``, 1 stands in until the finder replaces it."""
+        return [b for b in self.batch_size if b != "auto"] or [1]
+
     def candidates(self) -> list[Setting]:
         """Every distinct setting of the grid (dtype is irrelevant at O0, so O0 appears once per
         combination of the other dimensions)."""
@@ -68,7 +78,7 @@ class SearchConfig(BaseModel):
         eps_sites = sorted(self.eps)
         seen: dict[str, Setting] = {}
         for level, dtype, batch, *rest in itertools.product(
-            self.opt_level, self.dtype, self.batch_size,
+            self.opt_level, self.dtype, self.fixed_batch_sizes,
             *[getattr(self, n) for n in flag_names], *[self.eps[s] for s in eps_sites],
         ):
             flags = SpeedFlags(**dict(zip(flag_names, rest[: len(flag_names)])))
@@ -102,6 +112,8 @@ class ResourcesConfig(BaseModel):
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
     max_concurrent_trials: int = Field(default=1, gt=0)
+    # memory a trial may use, for batch_size: auto (required on CPU; on GPU the device's free memory)
+    memory_budget_mib: float | None = Field(default=None, gt=0)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     @property
@@ -148,10 +160,17 @@ class StudyConfig(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _auto_batch_needs_a_budget(self) -> "StudyConfig":
+        if self.search.auto_batch and not self.resources.use_gpu and self.resources.memory_budget_mib is None:
+            raise ValueError("search.batch_size 'auto' on CPU workers needs resources.memory_budget_mib "
+                             "(a CPU process has no memory ceiling to find)")
+        return self
+
     @property
     def reference(self) -> Setting:
         """The fp32 yardstick: O0, no speed flags, default eps, reference batch size."""
-        return Setting(opt_level="O0", batch_size=self.reference_batch_size or min(self.search.batch_size))
+        return Setting(opt_level="O0", batch_size=self.reference_batch_size or min(self.search.fixed_batch_sizes))
 
 
 class ConfigError(ValueError):

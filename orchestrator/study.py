@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import platform
 import random
@@ -63,6 +64,7 @@ class Study:
         # the study's own copy of its configuration: `python -m orchestrator sync/report` read it
         (self.output / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         self._tracker: Tracker | None = None
+        self._auto_info: dict[str, dict] = {}  # setting key -> how batch_size auto chose its batch
         self._tracking_retry_at = 0.0
         self.timings: dict[str, float] = {}
 
@@ -166,12 +168,41 @@ class Study:
             eps = {k: v for k, v in setting.eps.items() if defaults.get(k) != v}
             setting = setting.model_copy(update={"eps": eps})
             unique.setdefault(setting.key(), setting)
+        if self.config.search.auto_batch:
+            for setting in self._auto_batch_settings(list(unique.values())):
+                unique.setdefault(setting.key(), setting)
         grid = [s for s in unique.values() if s.key() != reference]
         limit = self.config.budget.max_profiled
         if len(grid) > limit:
             self.log(f"the grid has {len(grid)} settings; profiling a random sample of {limit}")
             grid = random.Random(self.config.seed).sample(grid, limit)
         return grid
+
+    def _auto_batch_settings(self, grid: list[Setting]) -> list[Setting]:
+        """For each precision/flag combination, the largest batch that fits in memory (probed once
+        per combination on a worker, cached in the table for --resume)."""
+        study_row = self.table.get("study") or {}
+        cached: dict[str, dict] = json.loads(study_row.get("auto_batches", "{}"))
+        shapes: dict[str, Setting] = {}
+        for setting in grid:
+            shape = setting.model_copy(update={"eps": {}, "batch_size": 1})
+            shapes.setdefault(shape.key(), shape)
+        todo = [shape for key, shape in shapes.items() if key not in cached]
+        if todo:
+            self.log(f"batch_size auto: probing the largest batch of {len(todo)} precision settings "
+                     f"(budget {self.config.resources.memory_budget_mib or 'free GPU memory'} MiB)")
+            for shape, found in zip(todo, search.find_batches(self.config, todo)):
+                cached[shape.key()] = found
+                self.log(f"  {shape.label().replace('-b1', '')}: batch {found['batch_size']}")
+            self.table.upsert("study", {"auto_batches": json.dumps(cached)})
+        out = []
+        for setting in grid:
+            found = cached[setting.model_copy(update={"eps": {}, "batch_size": 1}).key()]
+            if found["batch_size"] > 0:
+                auto = setting.model_copy(update={"batch_size": int(found["batch_size"])})
+                self._auto_info[auto.key()] = {"batch_auto": 1, "batch_search": json.dumps(found)}
+                out.append(auto)
+        return out
 
     def profile(self, settings: list[Setting]) -> dict[str, dict]:
         todo = [s for s in settings if (self.table.get(s.key()) or {}).get("profile_status") not in FINAL_PROFILE]
@@ -190,7 +221,7 @@ class Study:
             for setting in todo:
                 result = done.get(setting.key(), {"status": "error", "reason": "not profiled"})
                 values = {**result, "profile_status": result.get("status"), "status": result.get("status"),
-                          "profiled_at": _now()}
+                          "profiled_at": _now(), **self._auto_info.get(setting.key(), {})}
                 self._candidate_row(setting, values)
                 known[setting.key()] = values
         return known

@@ -175,12 +175,20 @@ def test_unreachable_mlflow_loses_nothing_and_sync_catches_up(tmp_path):
 
 
 def test_diverged_and_out_of_memory_trials_are_recorded_and_the_study_goes_on(tmp_path):
-    space = study_yaml(tmp_path, search__opt_level=["O0", "O2"], search__batch_size=[2, 8],
-                       budget__train_samples=64, budget__max_trials=2)
+    space = study_yaml(tmp_path, search__opt_level=["O0", "O2"], search__batch_size=[2, 8, "auto"],
+                       budget__train_samples=64, budget__max_trials=3)
+    text = yaml.safe_load(space.read_text())
+    text["resources"] = {"memory_budget_mib": 100000}  # the planted OOM, not the budget, limits the batch
+    space.write_text(yaml.safe_dump(text))
     out = tmp_path / "out"
     finish(start(space, out))
     table = pd.read_parquet(out / "results.parquet").set_index("label")
     assert table.loc["fp32-b8", "status"] == "oom" and table.loc["O2-bf16-b8", "status"] == "oom"
+    # batch_size auto found the planted ceiling (4) for each precision setting, OOM probes recorded
+    for label in ("fp32-b4", "O2-bf16-b4"):
+        assert table.loc[label, "batch_auto"] == 1
+        probes = json.loads(table.loc[label, "batch_search"])["probes"]
+        assert any(p["batch"] > 4 and p["status"] == "oom" for p in probes)
     diverged = table.loc["O2-bf16-b2"]
     assert diverged["profile_status"] == "ok"  # fine for a few profiling steps
     assert diverged["status"] == "diverged" and "non-finite" in diverged["reason"]
