@@ -46,6 +46,22 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
     return address or "local Ray"
 
 
+def cluster_tracking_uri(uri_file: str | os.PathLike | None = None) -> str | None:
+    """The MLflow server this cluster's head runs, or None when there is none.
+
+    ``scripts/start_mlflow_server.sh`` (run by the head commands of ``cluster.yaml``) writes its URI
+    to ``$AMP_MLFLOW_DIR/tracking_uri`` (default ``~/amp-mlflow/tracking_uri``) on the head, where
+    the study driver runs, and also exports it as ``MLFLOW_TRACKING_URI`` from ``~/.bashrc``; this
+    file finds it for processes that did not source ``~/.bashrc``."""
+    if uri_file is None:
+        uri_file = Path(os.environ.get("AMP_MLFLOW_DIR", "~/amp-mlflow")) / "tracking_uri"
+    try:
+        uri = Path(uri_file).expanduser().read_text().strip()
+    except OSError:
+        return None
+    return uri or None
+
+
 def check_resources(resources: ResourcesConfig) -> None:
     """Fail within seconds when a trial could never be scheduled (Tune would wait forever).
 
@@ -216,3 +232,31 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
                                       verbose=0),
     )
     tuner.fit()
+
+
+# ----------------------------------------------------------------------------- batch_size: auto
+
+
+@ray.remote(max_retries=0)
+def _find_batches(study_json: dict, settings_json: list[dict]) -> list[dict[str, Any]]:
+    """On a worker with the trial's resources: the largest fitting batch of each setting."""
+    import torch
+
+    from orchestrator.batch_finder import find_batch_for_setting
+
+    study = StudyConfig.model_validate(study_json)
+    device = "cuda" if study.resources.use_gpu and torch.cuda.is_available() else "cpu"
+    out = []
+    for setting in settings_json:
+        found = find_batch_for_setting(study.model.name, study.model.options, study.model.preset,
+                                       study.data.model_dump(mode="json"), setting, device=device,
+                                       budget_mib=study.resources.memory_budget_mib)
+        out.append(found.as_dict())
+    return out
+
+
+def find_batches(study: StudyConfig, settings: list[Setting]) -> list[dict[str, Any]]:
+    """``batch_size: auto``: one ``BatchSearch`` dict per setting (its batch size is ignored)."""
+    resources = study.resources
+    task = _find_batches.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
+    return ray.get(task.remote(study.model_dump(mode="json"), [s.model_dump(mode="json") for s in settings]))
