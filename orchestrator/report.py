@@ -173,7 +173,8 @@ def write_report(rec: dict[str, Any], frame: pd.DataFrame, directory: Path, *, t
         f"- peak memory {_fmt(r['peak_memory_mib'], '.0f')} MiB (saving {_fmt(100 * (r.get('memory_saving') or 0), '.0f')}%)",
         f"- drift of {band.metric} {_fmt(r['drift'], '+.4f')}; fp32 noise band ±{_fmt(band.tolerance, '.4f')} "
         f"around {_fmt(band.mean, '.4f')} over {len(band.values)} seeds",
-        f"- differs from the default in: {r['differs_from_default'] or 'nothing'}", "",
+        f"- differs from the default in: "
+        f"{', '.join(f'{k}={v}' for k, v in r['differs_from_default'].items()) or 'nothing'}", "",
         "Best by batch size (as the seed reports give them):", "",
         *_choice_lines("same batch as fp32", rec.get("best_same_batch"), band),
         *_choice_lines("larger batch", rec.get("best_larger_batch"), band), "",

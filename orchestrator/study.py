@@ -87,7 +87,10 @@ class Study:
     def tracker(self) -> Tracker:
         """Connected tracker with the study's parent run (created once, reused on resume)."""
         if self._tracker is None:
-            self._tracker = Tracker(self.tracking_uri, self.experiment_name)
+            # a local store keeps artifacts beside the study, not in whatever directory we run from
+            local = self.tracking_uri.startswith("sqlite:")
+            self._tracker = Tracker(self.tracking_uri, self.experiment_name,
+                                    artifact_location=(self.output / "mlartifacts").as_uri() if local else None)
         if self._tracker.parent_id is None:
             parent = (self.table.get("study") or {}).get("study_run_id")
             cfg = self.config

@@ -39,11 +39,14 @@ def resolve_tracking_uri(cli_value: str | None, config_value: str | None, output
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        """``artifact_location``: where a new experiment keeps its artifacts (for a local sqlite
+        store, the study's folder; a tracking server decides for itself when None)."""
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=artifact_location)
         self.experiment = experiment
         self.parent_id: str | None = None
 
