@@ -69,7 +69,8 @@ def plot_pareto(frame: pd.DataFrame, band: Band, rec: dict, path: Path) -> Path:
     for _, r in trained.iterrows():
         x, lo, hi = float(r["speedup"]), float(r["speedup_low"]), float(r["speedup_high"])
         colour = "tab:blue" if r["inside_band"] else "tab:red"
-        ax.errorbar(x, float(r["drift"]), xerr=[[x - lo], [hi - x]], fmt="o", color=colour, capsize=3)
+        ax.errorbar(x, float(r["drift"]), xerr=[[max(0.0, x - lo)], [max(0.0, hi - x)]], fmt="o", color=colour,
+                    capsize=3)
         ax.annotate(str(r["label"]), (x, float(r["drift"])), fontsize=7, xytext=(4, 4), textcoords="offset points")
     best = rec["recommended"]
     if best.get("drift") is not None and best["label"] in set(trained["label"]):
@@ -92,7 +93,8 @@ def plot_speed_memory(frame: pd.DataFrame, band: Band, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.0, 0.28 * len(labels) + 1)), sharey=True)
     ys = range(len(labels))
     speed = cands["speedup"].astype(float)
-    err = [speed - cands["speedup_low"].astype(float), cands["speedup_high"].astype(float) - speed]
+    err = [(speed - cands["speedup_low"].astype(float)).clip(lower=0).fillna(0),
+           (cands["speedup_high"].astype(float) - speed).clip(lower=0).fillna(0)]
     colours = ["tab:blue" if s == "ok" else "tab:grey" for s in cands["status"]]
     left.barh(ys, speed, xerr=err, color=colours, capsize=2)
     left.axvline(1.0, color="black", lw=0.8)

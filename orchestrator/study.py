@@ -275,7 +275,9 @@ class Study:
             key = metrics.get("setting_key")
             if key not in by_key or not metrics.get("trained"):
                 return
-            values = {k: v for k, v in metrics.items() if k not in ("config", "setting_key", "label")
+            # "speedup" in a trial's metrics is Optuna's objective (0 for a diverged trial); the row
+            # keeps the speedup stage 1 measured
+            values = {k: v for k, v in metrics.items() if k not in ("config", "setting_key", "label", "speedup")
                       and not k.startswith(("time_", "timestamp", "date", "hostname", "node_ip", "pid",
                                             "training_iteration", "iterations_since", "checkpoint_dir", "done",
                                             "experiment_tag", "trial_id"))}
