@@ -35,6 +35,10 @@ Differences from the original, on purpose:
   one spatial scale; whole clips are processed per step (vid2vid loads a few frames at a time).
 * One optimizer for all discriminators (same lr and betas as vid2vid's separate ones).
 
+Speed flags (the vid2vid seed's model-local findings): ``checkpointing`` blocks|all wraps every
+residual block (all: also the down/up-sampling stages) in ``maybe_checkpoint``; ``fusion`` jit|compile
+runs the output blend and the loss terms as fused pointwise chains (``orchestrator.fusion``).
+
 fp16 numerics: the warp is kept in fp32 (inputs cast up, autocast off inside, result cast back),
 as vid2vid's fp16 path did. In half precision the sampling grid's normalised coordinates in
 [-1, 1] have too few bits: near the border fp16 resolves 2**-11, i.e. about a pixel at 2048 px
@@ -51,6 +55,7 @@ from torch import nn
 from models.base import Batch, GANModel, Logs, Nets
 from models.layers import ConvBlock, MultiscaleDiscriminator, ResnetStack, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
+from orchestrator import fusion
 from orchestrator.settings import SpeedFlags
 
 CITYSCAPES_LABEL_NC = 35
@@ -92,6 +97,13 @@ def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return out.to(dtype)
 
 
+@fusion.register("vid2vid.blend")
+def blend(raw: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The generator's output: the hallucinated frame where ``mask`` is 1, the warped one where 0
+    (a pointwise chain: the ``fusion`` flag scripts or compiles it, as the vid2vid seed did)."""
+    return raw * mask + warped * (1.0 - mask)
+
+
 def masked_l1(value: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """vid2vid's masked L1: mean |value - target| over all elements, masked ones counting as 0."""
     mask = mask.expand_as(value)
@@ -126,16 +138,18 @@ class CompositeGenerator(nn.Module):
     (N, n_frames_G * label_nc, H, W) and prev_frames (N, 3 * (n_frames_G - 1), H, W), oldest
     first; returns ``(frame, hallucinated, flow, mask)``: (N,3,H,W), (N,3,H,W), (N,2,H,W) in
     pixels, (N,1,H,W) in (0, 1). ``use_raw_only`` (the first frame) returns the hallucinated frame.
+    ``fusion`` (none | jit | compile) selects how the blend chain runs.
 
     The label encoder holds ``n_blocks - n_blocks // 2`` residual blocks after its downsampling,
     the previous-frame encoder an identical copy; each branch then has ``n_blocks // 2``."""
 
     def __init__(self, label_nc: int, n_frames_g: int, ngf: int, n_downsample: int, n_blocks: int, *,
-                 eps: float = 1e-5, checkpointing: str = "none"):
+                 eps: float = 1e-5, checkpointing: str = "none", fusion: str = "none"):
         super().__init__()
         if n_frames_g < 2:
             raise ValueError(f"n_frames_G must be >= 2 (the current frame plus at least one previous), got {n_frames_g}")
         self.n_frames_g = n_frames_g
+        self.fusion = fusion
         blocks_on = checkpointing in ("blocks", "all")
         stages_on = checkpointing == "all"
         norm = dict(norm="instance", eps=eps)
@@ -172,7 +186,7 @@ class CompositeGenerator(nn.Module):
         if use_raw_only:
             return raw, raw, flow, mask
         warped = warp(prev_frames[:, -3:], flow)
-        return raw * mask + warped * (1 - mask), raw, flow, mask
+        return fusion.fused("vid2vid.blend", self.fusion)(raw, warped, mask), raw, flow, mask
 
 
 class Vid2VidDiscriminator(nn.Module):
@@ -236,6 +250,7 @@ class Vid2Vid(GANModel):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.hparams: dict[str, Any] | None = None  # the resolved arch, set by build
+        self.fusion = "none"  # the fusion speed flag (none | jit | compile), set by build
 
     # ------------------------------------------------------------------ networks and data
 
@@ -243,11 +258,13 @@ class Vid2Vid(GANModel):
         arch = self.arch(preset)
         eps_norm = eps.get("instance_norm", self.eps_sites["instance_norm"])
         generator = CompositeGenerator(arch["label_nc"], arch["n_frames_G"], arch["ngf"], arch["n_downsample"],
-                                       arch["n_blocks"], eps=eps_norm, checkpointing=flags.checkpointing)
+                                       arch["n_blocks"], eps=eps_norm, checkpointing=flags.checkpointing,
+                                       fusion=flags.fusion)
         discriminator = Vid2VidDiscriminator(arch["label_nc"], arch["ndf"], arch["n_layers"], arch["num_D"],
                                              arch["n_frames_D"], arch["n_scales_temporal"], eps=eps_norm)
-        aux = nn.ModuleDict({"vgg": VGGLoss(arch["vgg_weights"])}) if arch["use_vgg"] else None
+        aux = nn.ModuleDict({"vgg": VGGLoss(arch["vgg_weights"], fusion=flags.fusion)}) if arch["use_vgg"] else None
         self.hparams = arch
+        self.fusion = flags.fusion  # the losses' pointwise chains (orchestrator.fusion)
         return Nets(generator=generator, discriminator=discriminator, aux=aux)
 
     def required_frames(self) -> int | None:
@@ -373,13 +390,13 @@ class Vid2Vid(GANModel):
         (p_fake, p_raw, p_real), temporal = self._discriminate(
             nets, labels, [seq["frames"], seq["raw"], real], [seq["frames"], real], flow_ref)
         # vid2vid scores the real pairs once per generated kind (output and hallucinated frame)
-        d_fake = gan_loss(p_fake, False) + gan_loss(p_raw, False)
-        d_real = 2 * gan_loss(p_real, True)
+        d_fake = gan_loss(p_fake, False, fusion=self.fusion) + gan_loss(p_raw, False, fusion=self.fusion)
+        d_real = 2 * gan_loss(p_real, True, fusion=self.fusion)
         loss = 0.5 * (d_fake + d_real)
         logs = {"d_real": float(d_real.detach()), "d_fake": float(d_fake.detach())}
         if temporal:
-            t_fake = sum(gan_loss(fake, False) for fake, _ in temporal)
-            t_real = sum(gan_loss(real_out, True) for _, real_out in temporal)
+            t_fake = sum(gan_loss(fake, False, fusion=self.fusion) for fake, _ in temporal)
+            t_real = sum(gan_loss(real_out, True, fusion=self.fusion) for _, real_out in temporal)
             loss = loss + 0.5 * (t_fake + t_real)
             logs.update(d_t_real=float(t_real.detach()), d_t_fake=float(t_fake.detach()))
         return loss, logs
@@ -393,13 +410,15 @@ class Vid2Vid(GANModel):
         (p_fake, p_raw, p_real), temporal = self._discriminate(
             nets, labels, [fake, raw, real], [fake, real], flow_ref)
         feat_weight = 4 * hp["lambda_feat"]  # vid2vid's 4/(n_layers+1) per layer, 1/num_D per scale
-        loss_gan = gan_loss(p_fake, True) + gan_loss(p_raw, True)
-        loss_feat = feature_matching_loss(p_fake, p_real, feat_weight) + feature_matching_loss(p_raw, p_real, feat_weight)
+        loss_gan = gan_loss(p_fake, True, fusion=self.fusion) + gan_loss(p_raw, True, fusion=self.fusion)
+        loss_feat = (feature_matching_loss(p_fake, p_real, feat_weight, fusion=self.fusion)
+                     + feature_matching_loss(p_raw, p_real, feat_weight, fusion=self.fusion))
         logs: Logs = {}
         loss = loss_gan + loss_feat
         if temporal:
-            loss_t_gan = sum(gan_loss(t_fake, True) for t_fake, _ in temporal)
-            loss_t_feat = sum(feature_matching_loss(t_fake, t_real, feat_weight) for t_fake, t_real in temporal)
+            loss_t_gan = sum(gan_loss(t_fake, True, fusion=self.fusion) for t_fake, _ in temporal)
+            loss_t_feat = sum(feature_matching_loss(t_fake, t_real, feat_weight, fusion=self.fusion)
+                              for t_fake, t_real in temporal)
             loss = loss + loss_t_gan + loss_t_feat
             logs.update(g_t_gan=float(loss_t_gan.detach()), g_t_feat=float(loss_t_feat.detach()))
 

@@ -13,6 +13,7 @@ from torch.utils.data import default_collate
 from models.base import Nets, load_model
 from models.vid2vid import (CompositeGenerator, Vid2Vid, Vid2VidDiscriminator, required_frames, warp,
                             warp_in_input_dtype)
+from orchestrator import fusion
 from orchestrator.config import DataConfig, load_config
 from orchestrator.data.street import CLASSES
 from orchestrator.data.videos import VideoDataset, VideoScene, clip_to_batch, make_video
@@ -147,6 +148,19 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fusion_flag_fuses_the_blend_and_losses_without_changing_them(batch):
+    model, plain = build(seed=2)
+    fused_model = Vid2Vid()
+    torch.manual_seed(2)
+    fused_nets = fused_model.build("tiny", fused_model.resolve_eps(None), SpeedFlags(fusion="jit"))
+    assert fused_model.fusion == "jit" and fused_nets.generator.fusion == "jit"
+    expected, got = generator_grads(model, plain, batch), generator_grads(fused_model, fused_nets, batch)
+    for name in expected:  # same maths, reassociated (biases before instance norm: zero up to noise)
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4 * scale + 1e-5, msg=name)
+    assert "vid2vid.blend/jit" not in fusion.fallbacks()
 
 
 def test_temporal_windows_follow_vid2vid_frame_rate_scales():
