@@ -18,6 +18,7 @@ class FaultyColorizer(Colorizer):
     * under half precision (O2/O3 inputs) the generator loss turns NaN after ``nan_after`` calls, so
       a setting passes the few profiling steps and then diverges in quality training."""
 
+    name = "faultycolorizer"
     presets = {name: {**arch, "oom_above": 4, "nan_after": 12} for name, arch in Colorizer.presets.items()}
 
     def build(self, preset, eps, flags):
