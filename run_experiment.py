@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.tracking import resolve_tracking_uri
 
     output = (args.output or Path("runs") / config.experiment).resolve()
-    tracking_uri = resolve_tracking_uri(args.tracking_uri, config.tracking.uri, output)
+    cli_uri = args.tracking_uri
+    if cli_uri is None and args.address and not os.environ.get("MLFLOW_TRACKING_URI"):
+        cli_uri = search.cluster_tracking_uri()  # the head's MLflow server (cluster.yaml starts it)
+    tracking_uri = resolve_tracking_uri(cli_uri, config.tracking.uri, output)
     if (output / "results.parquet").exists() and not args.resume:
         print(f"error: {output / 'results.parquet'} already exists: pass --resume to continue that study, "
               "or choose another --output", file=sys.stderr)
