@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -75,7 +76,10 @@ class Study:
         from orchestrator.tracking import resolve_tracking_uri
 
         config = parse_config(yaml.safe_load((output / CONFIG_FILE).read_text()), str(output / CONFIG_FILE))
-        uri = resolve_tracking_uri(tracking_uri, config.tracking.uri, output)
+        recorded = (ResultsTable(output / "results.parquet").get("study") or {}).get("tracking_uri")
+        # an explicit URI wins; else the one the study logged to (the server may be back now)
+        uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded
+               or resolve_tracking_uri(None, config.tracking.uri, output))
         return cls(config, output, uri, resume=True, log=log)
 
     # ------------------------------------------------------------------ MLflow (never loses a row)
@@ -296,7 +300,8 @@ class Study:
     # ------------------------------------------------------------------ all of it
 
     def run(self) -> dict[str, Any]:
-        self.table.upsert("study", {"kind": "study", "started_at": _now()})
+        # the URI the study logs to: `sync` must reach the same server later
+        self.table.upsert("study", {"kind": "study", "started_at": _now(), "tracking_uri": self.tracking_uri})
         started = time.time()
         try:
             self.sync()  # a resumed study first logs what an unreachable server missed

@@ -188,7 +188,7 @@ def test_diverged_and_out_of_memory_trials_are_recorded_and_the_study_goes_on(tm
     for label in ("fp32-b4", "O2-bf16-b4"):
         assert table.loc[label, "batch_auto"] == 1
         probes = json.loads(table.loc[label, "batch_search"])["probes"]
-        assert any(p["batch"] > 4 and p["status"] == "oom" for p in probes)
+        assert any(p["batch_size"] > 4 and p["status"] == "oom" for p in probes)
     diverged = table.loc["O2-bf16-b2"]
     assert diverged["profile_status"] == "ok"  # fine for a few profiling steps
     assert diverged["status"] == "diverged" and "non-finite" in diverged["reason"]
