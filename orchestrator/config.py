@@ -215,6 +215,21 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently, which would drop half of a search dimension)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Read, merge ``overrides`` (dotted keys, e.g. ``{"budget.max_trials": 2}``) and validate."""
     path = Path(path)
@@ -223,7 +238,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
     except OSError as error:
         raise ConfigError(f"cannot read search space {str(path)!r}: {error.strerror or error}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"search space {str(path)!r} is not valid YAML: {error}") from None
     for dotted, value in (overrides or {}).items():

@@ -74,6 +74,13 @@ def test_unreadable_and_invalid_yaml_name_the_file(tmp_path):
         load_config(listy)
 
 
+def test_a_key_given_twice_is_an_error_not_silently_dropped(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("experiment: t\nmodel: {name: pix2pixhd}\nsearch:\n  fusion: [jit]\n  fusion: [none]\n")
+    with pytest.raises(ConfigError, match="twice.yaml.*'fusion' appears twice"):
+        load_config(twice)
+
+
 def test_overrides_are_validated_too(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(GOOD))
