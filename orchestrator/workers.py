@@ -134,7 +134,9 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
                                     rounds=budget.profile_rounds, warmup=budget.profile_warmup,
                                     slower_than=1.0)
             stepped = time.time()
-            done[key] = {**result.as_dict(), "build_seconds": built - started, "step_seconds": stepped - built}
+            done[key] = {**result.as_dict(), "build_seconds": built - started, "step_seconds": stepped - built,
+                         # what the speed flags resolved to (optimizer impl, fusion fallbacks, affinity)
+                         **{f"speed_{k}": v for k, v in candidate.speed_info.items()}}
             del candidate
             if result.status in ("ok", "slower"):
                 done[key].update(memory(setting))
@@ -223,6 +225,7 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
             "throughput": (len(step_times) * setting.batch_size * trainer.world_size / sum(step_times))
             if step_times else math.nan,
             **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},
+            **{f"speed_{k}": v for k, v in trainer.speed_info.items()},
         }
         result["step_seconds"] = step_seconds
         if status == "ok":
