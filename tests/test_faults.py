@@ -181,7 +181,7 @@ def test_unreachable_mlflow_loses_nothing_and_sync_catches_up(tmp_path):
 
 def test_diverged_and_out_of_memory_trials_are_recorded_and_the_study_goes_on(tmp_path):
     space = study_yaml(tmp_path, search__opt_level=["O0", "O2"], search__batch_size=[2, 8, "auto"],
-                       budget__train_samples=64, budget__max_trials=3)
+                       budget__train_samples=64, budget__max_trials=3, budget__keep_slower=True)
     text = yaml.safe_load(space.read_text())
     text["resources"] = {"memory_budget_mib": 100000}  # the planted OOM, not the budget, limits the batch
     space.write_text(yaml.safe_dump(text))
@@ -195,7 +195,8 @@ def test_diverged_and_out_of_memory_trials_are_recorded_and_the_study_goes_on(tm
         probes = json.loads(table.loc[label, "batch_search"])["probes"]
         assert any(p["batch_size"] > 4 and p["status"] == "oom" for p in probes)
     diverged = table.loc["O2-bf16-b2"]
-    assert diverged["profile_status"] == "ok"  # fine for a few profiling steps
+    # fine for a few profiling steps (its speed vs fp32 is timing noise here: keep_slower trains it anyway)
+    assert diverged["profile_status"] in ("ok", "slower")
     assert diverged["status"] == "diverged" and "non-finite" in diverged["reason"]
     # Optuna was told with finite numbers
     cached = json.loads(next((out / "ray" / "trial-cache").glob("*.json")).read_text())
