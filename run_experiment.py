@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set budget.max_trials=2 (YAML value; repeatable)")
     return parser.parse_args(argv)
+
+
+def resume_command(argv: list[str], output: Path) -> str:
+    """The command line that continues this study: the same arguments, its output, ``--resume``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output":
+            skip = True
+        elif arg != "--resume" and not arg.startswith("--output="):
+            kept.append(arg)
+    return shlex.join(["python", "run_experiment.py", *kept, "--output", str(output), "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except search.ResourceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: everything finished so far is in {output / 'results.parquet'}; continue with\n"
+              f"  {resume_command(sys.argv[1:] if argv is None else argv, output)}", file=sys.stderr)
+        return 130
     finally:
         import ray
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,6 +98,32 @@ def _scaling(resources: ResourcesConfig) -> ray.train.ScalingConfig:
                                    resources_per_worker=per_worker, placement_strategy=resources.placement)
 
 
+def run_interruptibly(fit: Callable[[], Any]) -> Any:
+    """Call ``fit`` (a Tune or Train ``fit``) so that Ctrl-C stops the study at once.
+
+    In the main thread Ray installs its own SIGINT handlers: Tune ends the run "gracefully" and
+    returns, Train aborts the run and leaves a handler behind that later calls ``sys.exit(0)``;
+    either way the driver carried on to the next stage (or exited 0) as if nothing happened. Off
+    the main thread neither installs a handler, so the interrupt reaches the study as a plain
+    ``KeyboardInterrupt``; everything finished so far is already in ``results.parquet`` and in
+    Ray Train's checkpoints, which is what ``--resume`` continues from."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a short join keeps the main thread able to take KeyboardInterrupt
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Path, name: str) -> Any:
     """Run a TorchTrainer; a rerun with the same name resumes from its latest checkpoint."""
     trainer = TorchTrainer(
@@ -108,7 +135,7 @@ def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Pa
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    result = run_interruptibly(trainer.fit)
     if result.error is not None:
         raise result.error
     return result
@@ -231,7 +258,7 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
                                       callbacks=[_RowCallback(on_result)], stop=_EnoughTrained(num_trials),
                                       verbose=0),
     )
-    tuner.fit()
+    run_interruptibly(tuner.fit)
 
 
 # ----------------------------------------------------------------------------- batch_size: auto
