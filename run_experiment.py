@@ -73,15 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from orchestrator import search
+    from orchestrator import capacity, search
     from orchestrator.study import Study
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.tracking import browse_hint, resolve_tracking_uri
 
     output = (args.output or Path("runs") / config.experiment).resolve()
-    cli_uri = args.tracking_uri
-    if cli_uri is None and args.address and not os.environ.get("MLFLOW_TRACKING_URI"):
-        cli_uri = search.cluster_tracking_uri()  # the head's MLflow server (cluster.yaml starts it)
-    tracking_uri = resolve_tracking_uri(cli_uri, config.tracking.uri, output)
+    # on a cluster, the head's MLflow server (cluster.yaml starts it) unless one is named explicitly
+    discovered = search.cluster_tracking_uri() if args.address else None
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, config.tracking.uri, output, discovered)
     if (output / "results.parquet").exists() and not args.resume:
         print(f"error: {output / 'results.parquet'} already exists: pass --resume to continue that study, "
               "or choose another --output", file=sys.stderr)
@@ -89,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study {config.experiment!r}: model {config.model.name} ({config.model.preset}), output {output}")
     where = search.connect(args.address)
     try:
-        search.check_resources(config.resources)  # before anything is written
+        # before anything is written; on a head `ray up` launched, the autoscaler's node types count too
+        capacity.check_resources(config.resources,
+                                 os.environ.get("AMP_AUTOSCALER_CONFIG", capacity.DEFAULT_AUTOSCALER_CONFIG))
         print(f"Ray: {where}")
         result = Study(config, output, tracking_uri, resume=args.resume).run()
-    except search.ResourceError as error:
+    except capacity.ResourceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
           f"[{result['recommended']['speedup_interval'][0]:.2f}, {result['recommended']['speedup_interval'][1]:.2f}]")
     for name, p in result["paths"].items():
         print(f"  {name}: {p}")
-    print(f"\nBrowse the runs:\n  mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"\nBrowse the runs:\n  {browse_hint(tracking_uri)}")
     return 0
 
 

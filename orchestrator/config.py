@@ -103,6 +103,22 @@ class BudgetConfig(BaseModel):
     reference_seeds: int = Field(default=3, ge=2)  # fp32 replicates that define the noise band
     max_trials: int = Field(default=6, gt=0)  # Optuna trials in stage 2
     keep_slower: bool = False  # also quality-test settings slower than the reference
+    # early stopping in stage 2: at these fractions of train_samples a trial's quality is compared
+    # with the fp32 references' quality after the same number of samples; a trial whose drift there
+    # is more than early_stop_bands noise bands on the harmful side stops ([] = never stop early)
+    early_stop_at: list[float] = Field(default_factory=lambda: [0.5])
+    early_stop_bands: float = Field(default=3.0, gt=0)
+
+    @field_validator("early_stop_at")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in value):
+            raise ValueError(f"fractions of train_samples strictly between 0 and 1; got {value}")
+        return sorted(set(value))
+
+    def rung_samples(self) -> list[int]:
+        """The sample counts at which quality is measured before the end of training."""
+        return sorted({max(1, round(f * self.train_samples)) for f in self.early_stop_at} - {self.train_samples})
 
 
 class ResourcesConfig(BaseModel):
@@ -115,6 +131,8 @@ class ResourcesConfig(BaseModel):
     # memory a trial may use, for batch_size: auto (required on CPU; on GPU the device's free memory)
     memory_budget_mib: float | None = Field(default=None, gt=0)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # on an autoscaling cluster: how long to wait for nodes that fit a trial before giving up
+    node_wait_seconds: float = Field(default=900, ge=0)
 
     @property
     def use_gpu(self) -> bool:

@@ -25,10 +25,6 @@ from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
 PENALTY_DRIFT = 1e3  # finite stand-in for "diverged / not measurable" (Optuna rejects NaN)
 
 
-class ResourceError(RuntimeError):
-    """The cluster can never satisfy the requested resources."""
-
-
 def connect(address: str | None, num_cpus: int | None = None) -> str:
     """Connect to ``address`` (an existing cluster) or start a local Ray; returns a description."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -61,33 +57,6 @@ def cluster_tracking_uri(uri_file: str | os.PathLike | None = None) -> str | Non
     except OSError:
         return None
     return uri or None
-
-
-def check_resources(resources: ResourcesConfig) -> None:
-    """Fail within seconds when a trial could never be scheduled (Tune would wait forever).
-
-    A quality trial holds 1 CPU for its Tune driver plus one bundle per Train worker."""
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    need_cpu = 1 + resources.workers * resources.cpus_per_worker
-    need_gpu = resources.workers * resources.gpus_per_worker
-    problems = []
-    if need_cpu > cpus:
-        problems.append(f"{need_cpu:g} CPUs per trial (1 for the trial + {resources.workers} workers x "
-                        f"{resources.cpus_per_worker:g}) but the cluster has {cpus:g}")
-    if need_gpu > gpus:
-        problems.append(f"{need_gpu:g} GPUs per trial ({resources.workers} workers x "
-                        f"{resources.gpus_per_worker:g}) but the cluster has {gpus:g}")
-    # one worker's bundle must fit on a single node
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= resources.cpus_per_worker
-            and n["Resources"].get("GPU", 0) >= resources.gpus_per_worker]
-    if nodes and not fits:
-        problems.append(f"no node has {resources.cpus_per_worker:g} CPUs and {resources.gpus_per_worker:g} GPUs "
-                        "for one worker")
-    if problems:
-        raise ResourceError("resources: the cluster can never run a trial: " + "; ".join(problems)
-                            + ". Lower resources.workers / cpus_per_worker / gpus_per_worker or add nodes.")
 
 
 def _scaling(resources: ResourcesConfig) -> ray.train.ScalingConfig:
@@ -147,10 +116,15 @@ def run_profile(study: StudyConfig, settings: list[Setting], storage: Path, name
     return _fit(profile_loop, config, study, storage, name).return_value
 
 
-def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage: Path,
-                 name: str) -> tuple[dict[str, Any], Path | None]:
-    """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path)."""
-    config = {"study": study.model_dump(mode="json"), "setting": setting.model_dump(mode="json"), "seeds": seeds}
+def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage: Path, name: str,
+                 rung_bands: dict[int, dict] | None = None) -> tuple[dict[str, Any], Path | None]:
+    """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path).
+
+    Quality is also measured at the budget's early-stop rungs; with ``rung_bands`` (the references'
+    bands there, as dicts) a seed clearly outside one stops early."""
+    config = {"study": study.model_dump(mode="json"), "setting": setting.model_dump(mode="json"), "seeds": seeds,
+              "rungs": study.budget.rung_samples(), "rung_bands": {str(k): v for k, v in (rung_bands or {}).items()},
+              "stop_bands": study.budget.early_stop_bands}
     result = _fit(quality_loop, config, study, storage, name)
     grid = None
     if result.checkpoint is not None:
@@ -163,9 +137,12 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 
 
 def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[str, dict], storage: str,
-                  evaluate: Callable[[dict[str, Any]], dict[str, float]]) -> None:
+                  evaluate: Callable[[dict[str, Any]], dict[str, float]],
+                  rung_bands: dict[int, dict] | None = None) -> None:
     """One Tune trial: train the proposed setting for the quality budget and report speedup (from
-    stage 1) and drift. A repeated proposal reuses the finished result and costs no training."""
+    stage 1) and drift. A repeated proposal reuses the finished result and costs no training; a
+    setting clearly outside the references' band at an early-stop rung stops there, and its drift
+    is the one measured at that rung."""
     study = StudyConfig.model_validate(study_json)
     key = params["setting"]
     setting = Setting.model_validate(candidates[key]["setting"])
@@ -174,7 +151,8 @@ def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[
     if cache.exists():
         ray.tune.report({**json.loads(cache.read_text()), "trained": 0, "repeat": 1})
         return
-    finished, grid = run_training(study, setting, [study.seed], Path(storage), name=f"quality-{key}")
+    finished, grid = run_training(study, setting, [study.seed], Path(storage), name=f"quality-{key}",
+                                  rung_bands=rung_bands)
     outcome = finished[str(study.seed)]
     scores = evaluate(outcome)
     metrics = {"setting_key": key, "label": setting.label(),
@@ -183,7 +161,7 @@ def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[
                "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
     if not math.isfinite(metrics["drift_in_bands"]):
         metrics["drift_in_bands"] = PENALTY_DRIFT
-    if outcome.get("status") != "ok":
+    if outcome.get("status") not in ("ok", "stopped"):
         metrics["speedup"] = 0.0  # a diverged setting has no useful speed
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(metrics))
@@ -223,7 +201,8 @@ class _EnoughTrained(ray.tune.Stopper):
 
 def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, dict], storage: Path,
                evaluate: Callable[[dict[str, Any]], dict[str, float]], on_result: Callable[[dict], None],
-               previous: dict[str, list[float]] | None = None, num_trials: int | None = None) -> None:
+               previous: dict[str, list[float]] | None = None, num_trials: int | None = None,
+               rung_bands: dict[int, dict] | None = None) -> None:
     """Stage 2: Optuna (multi-objective: speedup up, drift down) chooses which survivors to train.
 
     The space is one categorical over the survivors: stage 1 already removed the slow, diverging
@@ -247,7 +226,8 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
     space = {"setting": ray.tune.choice(keys)}
     candidates = {s.key(): {"setting": s.model_dump(mode="json"), "profile": known[s.key()]} for s in survivors}
     trainable = ray.tune.with_parameters(quality_trial, study_json=study.model_dump(mode="json"),
-                                         candidates=candidates, storage=str(storage), evaluate=evaluate)
+                                         candidates=candidates, storage=str(storage), evaluate=evaluate,
+                                         rung_bands=rung_bands)
     # proposals are cheap unless they train: allow several per trained trial
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": 1}),

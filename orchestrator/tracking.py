@@ -25,13 +25,26 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
+def browse_hint(uri: str) -> str:
+    """How a user opens the MLflow UI for ``uri``."""
+    if uri.startswith(("http://", "https://")):
+        return (f"open {uri} (a cluster head's server: `ray attach cluster.yaml -p 5000`, "
+                "then http://localhost:5000)")
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 def default_tracking_uri(output: Path) -> str:
     """sqlite file in the output folder, absolute (Ray workers run in other directories)."""
     return f"sqlite:///{(output / 'mlflow.db').resolve()}"
 
 
-def resolve_tracking_uri(cli_value: str | None, config_value: str | None, output: Path) -> str:
-    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or config_value or default_tracking_uri(output)
+def resolve_tracking_uri(cli_value: str | None, config_value: str | None, output: Path,
+                         discovered: str | None = None) -> str:
+    """Where the study logs: ``--tracking-uri``, ``$MLFLOW_TRACKING_URI``, the config's
+    ``tracking.uri``, the cluster head's MLflow server (``discovered``), a sqlite file in ``output``;
+    the first one set wins (the explicit before the found)."""
+    uri = (cli_value or os.environ.get("MLFLOW_TRACKING_URI") or config_value or discovered
+           or default_tracking_uri(output))
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # relative sqlite path: make it absolute now, while we know the working directory
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -103,7 +104,7 @@ def test_study_trains_ddp_across_two_nodes(three_node_cluster, mlflow_server, tm
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors
 
-    from orchestrator import search
+    from orchestrator import capacity, search
     from orchestrator.config import parse_config
     from orchestrator.study import Study
 
@@ -119,7 +120,7 @@ def test_study_trains_ddp_across_two_nodes(three_node_cluster, mlflow_server, tm
     search.connect(cluster.address)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
     assert ray.cluster_resources().get("node_a") == 1 and ray.cluster_resources().get("node_b") == 1
-    search.check_resources(config.resources)  # 1 + 2 x 1 CPUs: fits exactly
+    capacity.check_resources(config.resources)  # 1 + 2 x 1 CPUs: fits exactly
 
     out = tmp_path / "out"
     result = Study(config, out, uri).run()
@@ -183,3 +184,54 @@ def test_launcher_end_to_end(tmp_path):
     assert summary["rows"] >= 3 and summary["mlflow_children"] == summary["rows"]
     assert summary["recommendation"]
     assert summary["left_running"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_trial_that_needs_autoscaled_nodes_waits_for_them(three_node_cluster, tmp_path):
+    """On a launched cluster the autoscaler's node types count: a trial that fits only on a node
+    type not up yet waits for it (here the test plays the autoscaler and adds the node), one that
+    would never fit fails at once, and a wait that runs out fails naming the field."""
+    import threading
+
+    from orchestrator import capacity, search
+    from orchestrator.config import ResourcesConfig
+
+    cluster, _ = three_node_cluster
+    search.connect(cluster.address)
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump({
+        "max_workers": 4, "head_node_type": "head",
+        "available_node_types": {"head": {"resources": {"CPU": 1}, "max_workers": 0},
+                                 "big": {"resources": {"CPU": 2}, "max_workers": 1}}}))
+    needs_big = ResourcesConfig(workers=1, cpus_per_worker=2)
+    with pytest.raises(capacity.ResourceError, match="no node has 2 CPUs"):
+        capacity.check_resources(needs_big)  # no autoscaler: rejected, as before
+
+    # the check waits in a thread while the main thread plays the autoscaler (Ray adds nodes only
+    # from the main thread)
+    notes: list[str] = []
+    outcome: dict = {}
+
+    def check() -> None:
+        try:
+            capacity.check_resources(needs_big, bootstrap, wait_seconds=120, log=notes.append, poll_seconds=0.5)
+        except Exception as error:  # noqa: BLE001 - asserted below
+            outcome["error"] = error
+
+    waiter = threading.Thread(target=check, daemon=True)
+    waiter.start()
+    deadline = time.time() + 60
+    while not notes and time.time() < deadline:
+        time.sleep(0.1)
+    assert notes and "waiting up to 120 s" in notes[0] and "big (up to 1)" in notes[0], notes
+    added = [cluster.add_node(num_cpus=2, env_vars={"RAY_ADDRESS": cluster.address})]
+    waiter.join(120)
+    assert not waiter.is_alive() and "error" not in outcome, outcome
+    assert notes[-1] == "the nodes have joined"
+    cluster.remove_node(added[0])
+
+    with pytest.raises(capacity.ResourceError, match="can never run a trial.*autoscaler may add"):
+        capacity.check_resources(ResourcesConfig(workers=1, cpus_per_worker=8), bootstrap, wait_seconds=60)
+    with pytest.raises(capacity.ResourceError, match="did not start nodes.*node_wait_seconds"):
+        capacity.check_resources(needs_big, bootstrap, wait_seconds=1, log=notes.append, poll_seconds=0.2)

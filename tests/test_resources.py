@@ -29,3 +29,38 @@ def test_impossible_request_fails_fast_with_a_clear_error(tmp_path, resources, e
     assert expected in done.stderr and "resources" in done.stderr
     assert not (tmp_path / "out" / "results.parquet").exists()
     assert time.time() - started < 120  # Ray start-up included; never an endless wait
+
+
+# ----------------------------------------------------------------------------- the placement rules
+
+
+def test_placement_rules_per_node():
+    from orchestrator.capacity import NodeShape, problems
+    from orchestrator.config import ResourcesConfig
+
+    four_by_one = [NodeShape(8, 1, count=4)]
+    gpu_workers = dict(cpus_per_worker=4, gpus_per_worker=1)
+    assert problems(ResourcesConfig(workers=4, **gpu_workers), four_by_one) == []
+    # 7 CPUs in all, but a 2-CPU worker fits once on each 3-CPU node and never on the 1-CPU one
+    assert "2 worker bundles" in problems(ResourcesConfig(workers=3, cpus_per_worker=2),
+                                          [NodeShape(3, 0, count=2), NodeShape(1, 0)])[0]
+    assert "STRICT_PACK" in problems(ResourcesConfig(workers=2, placement="STRICT_PACK", **gpu_workers), four_by_one)[0]
+    assert problems(ResourcesConfig(workers=2, placement="STRICT_PACK", **gpu_workers), [NodeShape(48, 4)]) == []
+    spread = ResourcesConfig(workers=3, placement="STRICT_SPREAD", **gpu_workers)
+    assert "STRICT_SPREAD" in problems(spread, [NodeShape(48, 4, count=2)])[0]
+    assert problems(spread, [NodeShape(48, 4, count=3)]) == []
+    # totals include the trial's own CPU
+    assert "3 CPUs per trial" in problems(ResourcesConfig(workers=2), [NodeShape(1, 0, count=2)])[0]
+
+
+def test_autoscaler_node_types_come_from_the_launcher_config():
+    from orchestrator.capacity import NodeShape, autoscaler_nodes, problems
+    from orchestrator.config import ResourcesConfig
+
+    nodes = {n.name: n for n in autoscaler_nodes(ROOT / "cluster.yaml")}
+    assert set(nodes) == {"gpu_4x", "gpu_1x"}  # the head is a live node, not a scalable one
+    assert (nodes["gpu_4x"].gpus, nodes["gpu_4x"].count) == (4, 2)
+    head_only = [NodeShape(8, 0)]
+    two_gpus = ResourcesConfig(workers=2, cpus_per_worker=4, gpus_per_worker=1)
+    assert problems(two_gpus, head_only) and not problems(two_gpus, head_only + list(nodes.values()))
+    assert autoscaler_nodes(ROOT / "no-such-file.yaml") == []
