@@ -70,7 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     syn = sub.add_parser("sync", help="log to MLflow the rows it missed while unreachable")
     syn.add_argument("--output", type=Path, required=True)
     syn.add_argument("--tracking-uri")
+    cmp_ = sub.add_parser("compare", help="the cross-model table of several studies' recommendations")
+    cmp_.add_argument("recommendations", type=Path, nargs="+",
+                      help="recommendations/<model>.yaml files, or study output folders")
     args = parser.parse_args(argv)
+
+    if args.command == "compare":
+        from orchestrator.report import cross_model_table
+
+        files = [f for p in args.recommendations
+                 for f in (sorted((p / "recommendations").glob("*.yaml")) if p.is_dir() else [p])]
+        missing = [str(f) for f in files if not f.is_file()] or ([] if files else [str(p) for p in args.recommendations])
+        if missing:
+            parser.error(f"no recommendation found at {', '.join(missing)}")
+        print(cross_model_table(files))
+        return 0
 
     if args.command == "sync":
         from orchestrator.study import Study

@@ -6,6 +6,7 @@ anywhere.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +57,12 @@ class Band:
 
 def score_outcome(outcome: dict[str, Any], band: Band) -> dict[str, float]:
     """Drift of one trained setting against the band. ``drift_in_bands`` counts only harm (a drift
-    in the better direction is 0) in units of the band's tolerance; it is what Optuna minimises."""
+    in the better direction is 0) in units of the band's tolerance; it is what Optuna minimises. A
+    trial stopped early keeps the scores it was stopped with (its quality is from part-way through
+    training, so comparing it with the final band would mean nothing)."""
+    if outcome.get("status") == "stopped" and not _missing(outcome.get("drift_in_bands")):
+        return {"drift": float(outcome["drift"]), "drift_in_bands": float(outcome["drift_in_bands"]),
+                "inside_band": 0.0}
     value = outcome.get(band.metric)
     if outcome.get("status", "ok") != "ok" or value is None or not math.isfinite(float(value)):
         return {"drift": math.nan, "drift_in_bands": math.inf, "inside_band": 0.0}
@@ -70,6 +76,36 @@ def reference_band(frame: pd.DataFrame, metric: str, multiplier: float = 1.0) ->
     refs = frame[frame["kind"] == "reference"]
     column = metric_column(frame.columns, metric)
     return Band.from_values(column, refs[column].tolist() if column in refs else [], multiplier)
+
+
+def rung_bands(frame: pd.DataFrame, final: Band) -> dict[int, Band]:
+    """{samples: band} of the references' quality measured part-way through training (their
+    ``rung_quality`` column). Each band is at least as wide as ``final``: two or three seeds can
+    agree closely by chance early on, and a trial must not stop on a band that narrow."""
+    refs = frame[frame["kind"] == "reference"]
+    if "rung_quality" not in refs:
+        return {}
+    values: dict[int, list[float]] = {}
+    for text in refs["rung_quality"].dropna():
+        for samples, metrics in json.loads(text).items():
+            if final.metric in metrics:
+                values.setdefault(int(samples), []).append(metrics[final.metric])
+    out = {}
+    for samples, vals in sorted(values.items()):
+        try:
+            band = Band.from_values(final.metric, vals, final.multiplier)
+        except ValueError:  # fewer than 2 finite values at this rung
+            continue
+        band.halfwidth = max(band.halfwidth, final.halfwidth)
+        out[samples] = band
+    return out
+
+
+def stops_early(metrics: dict[str, float], band: Band, bands: float) -> dict[str, float] | None:
+    """The rung's scores when a trial's quality there is more than ``bands`` tolerances on the
+    harmful side of ``band`` (or not finite: a trial diverging in quality stops too); else None."""
+    scores = score_outcome({"status": "ok", **metrics}, band)
+    return scores if scores["drift_in_bands"] > bands else None
 
 
 def _setting(row: pd.Series) -> Setting:

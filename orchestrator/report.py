@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from orchestrator.recommend import Band, score_outcome  # noqa: E402
+from orchestrator.tracking import browse_hint  # noqa: E402
 
 PLOTS = {"pareto": "pareto.png", "speed_memory": "speed_memory.png", "curves": "loss_curves.png"}
 
@@ -159,11 +160,9 @@ def write_report(rec: dict[str, Any], frame: pd.DataFrame, directory: Path, *, t
     band = Band(**rec["noise_band"])
     images = directory / "report_images"
     images.mkdir(exist_ok=True)
-    plots = {
-        "pareto": plot_pareto(frame, band, rec, images / PLOTS["pareto"]),
-        "speed_memory": plot_speed_memory(frame, band, images / PLOTS["speed_memory"]),
-        "curves": plot_curves(frame, rec, images / PLOTS["curves"]),
-    }
+    plot_pareto(frame, band, rec, images / PLOTS["pareto"])
+    plot_speed_memory(frame, band, images / PLOTS["speed_memory"])
+    plot_curves(frame, rec, images / PLOTS["curves"])
     r = rec["recommended"]
     lines = [
         f"# AMP study: {rec['model']} ({rec['preset']} preset)", "",
@@ -192,22 +191,29 @@ def write_report(rec: dict[str, Any], frame: pd.DataFrame, directory: Path, *, t
     if not rec["alternatives"]:
         lines.append("- (no trained setting)")
     lines += ["", "## Loss curves", "", f"![loss curves]({images.name}/{PLOTS['curves']})", "",
-              "## Browse the runs", "", f"    mlflow ui --backend-store-uri {tracking_uri}", ""]
+              "## Browse the runs", "", f"    {browse_hint(tracking_uri)}", ""]
     path = directory / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
 def cross_model_table(recommendation_files: list[Path]) -> str:
-    """The seeds' "configuration vs speedup" table across models: resolution x batch size."""
-    lines = ["| model | preset | resolution | fp32 batch | recommended | batch | speedup [95% CI] | drift |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The seeds' "configuration vs speedup" table across models: per model and resolution, the
+    best setting at the fp32 batch size, the best with a larger batch, and what was recommended."""
+
+    def cell(best: dict | None) -> str:
+        if not best:
+            return "—"
+        low, high = best["speedup_interval"]
+        return (f"{best['label']}: {_fmt(best['speedup'])}x [{_fmt(low)}, {_fmt(high)}], "
+                f"drift {_fmt(best.get('drift'), '+.4f')}")
+
+    lines = ["| model | preset | resolution | fp32 batch | best, same batch | best, larger batch | recommended |",
+             "|---|---|---|---|---|---|---|"]
     for path in recommendation_files:
         rec = yaml.safe_load(Path(path).read_text())
-        r = rec["recommended"]
-        res = rec.get("study", {}).get("resolution", "-")
-        ref_batch = rec.get("study", {}).get("reference_batch_size", "-")
-        lines.append(f"| {rec['model']} | {rec['preset']} | {res} | {ref_batch} | {r['label']} | "
-                     f"{r['setting']['batch_size']} | {_fmt(r['speedup'])} [{_fmt(r['speedup_interval'][0])}, "
-                     f"{_fmt(r['speedup_interval'][1])}] | {_fmt(r.get('drift'), '+.4f')} |")
+        study = rec.get("study", {})
+        lines.append(f"| {rec['model']} | {rec['preset']} | {study.get('resolution', '-')} | "
+                     f"{study.get('reference_batch_size', '-')} | {cell(rec.get('best_same_batch'))} | "
+                     f"{cell(rec.get('best_larger_batch'))} | {rec['recommended']['label']} |")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ their MLflow runs are reused.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -23,7 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import yaml
 
@@ -291,10 +291,17 @@ class Study:
             self.log(f"[stage 2] {by_key[key].label()}: {values['status']}, speedup {metrics.get('speedup', math.nan):.2f}, "
                      f"drift {metrics.get('drift', math.nan):+.4f} ({'inside' if metrics.get('inside_band') else 'outside'} band)")
 
+        rungs = rec_mod.rung_bands(self.table.frame(), band)
+        if self.config.budget.early_stop_at:
+            self.log("early stop: " + (", ".join(f"after {n} samples {b.metric} {b.mean:.4f} ± {b.tolerance:.4f}"
+                                                 for n, b in rungs.items())
+                                       or "no reference quality measured part-way (references from an older run)")
+                     + f"; a trial more than {self.config.budget.early_stop_bands:g} bands worse stops there")
         started = time.time()
         search.run_search(self.config, survivors, known, self.storage,
                           evaluate=functools.partial(rec_mod.score_outcome, band=band),
-                          on_result=on_result, previous=previous, num_trials=remaining)
+                          on_result=on_result, previous=previous, num_trials=remaining,
+                          rung_bands={n: dataclasses.asdict(b) for n, b in rungs.items()})
         self.timings["search"] = time.time() - started
 
     # ------------------------------------------------------------------ all of it

@@ -24,6 +24,7 @@ from orchestrator.config import StudyConfig
 from orchestrator.measure import paired_profile
 from orchestrator.memory import peak_memory_mib
 from orchestrator.quality import QualityMeter
+from orchestrator.recommend import Band, stops_early
 from orchestrator.settings import Setting
 from orchestrator.trainer import Trainer, is_oom
 
@@ -172,12 +173,29 @@ def evaluate(trainer: Trainer, study: StudyConfig, grid_path: Path | None = None
     return {f"quality_{k}": v for k, v in metrics.items()}
 
 
+def evaluate_midway(trainer: Trainer, study: StudyConfig) -> dict[str, float]:
+    """Quality part-way through training, without touching the training's random streams (the
+    validation DataLoader draws its seed from the global generator): a run measured at its rungs
+    trains exactly as one that is not."""
+    devices = [trainer.device.index or 0] if trainer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return evaluate(trainer, study)
+
+
 def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Train one setting for the quality budget, once per seed, and measure its quality."""
+    """Train one setting for the quality budget, once per seed, and measure its quality.
+
+    ``config["rungs"]``: sample counts at which quality is also measured part-way (recorded as
+    ``rung_quality``); with ``config["rung_bands"]`` ({samples: Band fields}, the references'
+    quality there) a seed whose drift at a rung is more than ``config["stop_bands"]`` bands
+    harmful stops with status "stopped"."""
     _quiet_ray_train()
     study = StudyConfig.model_validate(config["study"])
     setting = Setting.model_validate(config["setting"])
     seeds: list[int] = config["seeds"]
+    rungs: list[int] = [int(s) for s in config.get("rungs", [])]
+    rung_bands = {int(k): Band(**v) for k, v in (config.get("rung_bands") or {}).items()}
+    stop_bands = config.get("stop_bands")
     budget = study.budget
     progress, restored_dir = _restore_progress()
     finished: dict[str, Any] = progress.get("finished", {})
@@ -188,21 +206,29 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
             continue
         trainer = _trainer(study, setting, seed)
         curve: list[list[float]] = []
+        rung_quality: dict[str, dict[str, float]] = {}
         resumed_from = 0
         if progress.get("current_seed") == seed and restored_dir is not None:
             trainer.load(restored_dir)
             curve = progress.get("curve", [])
+            rung_quality = progress.get("rung_quality", {})
             resumed_from = trainer.step
             if _rank() == 0:
                 print(f"[quality] {setting.label()} seed {seed}: resumed from the checkpoint at step {trainer.step}",
                       flush=True)
-        total_steps = max(1, math.ceil(budget.train_samples / (setting.batch_size * trainer.world_size)))
+        per_step = setting.batch_size * trainer.world_size
+        total_steps = max(1, math.ceil(budget.train_samples / per_step))
+        # the step at which each rung's sample count is reached
+        rung_at = {math.ceil(samples / per_step): samples for samples in rungs}
+        rung_at = {step: samples for step, samples in rung_at.items() if 0 < step < total_steps}
         status, reason, step_times, skipped = "ok", "", [], progress.get("skipped", 0)
+        early: dict[str, Any] = {}
         started = time.time()
         step_seconds = 0.0
         while trainer.step < total_steps:
+            next_stop = min([s for s in rung_at if s > trainer.step] + [total_steps])
             run_started = time.time()
-            record = trainer.run(min(budget.checkpoint_every, total_steps - trainer.step))
+            record = trainer.run(min(budget.checkpoint_every, next_stop - trainer.step))
             step_seconds += time.time() - run_started
             step_times += record.step_times
             skipped += int(sum(v for logs in record.losses for k, v in logs.items() if k.startswith("skipped_")))
@@ -213,19 +239,31 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
             if record.status != "ok":
                 status, reason = record.status, record.reason
                 break
+            samples = rung_at.get(trainer.step)
+            if samples is not None and str(samples) not in rung_quality:
+                rung_quality[str(samples)] = measured = evaluate_midway(trainer, study)
+                band = rung_bands.get(samples)
+                verdict = stops_early(measured, band, stop_bands) if band is not None and stop_bands else None
+                if verdict is not None:
+                    status = "stopped"
+                    reason = (f"early stop after {samples} of {budget.train_samples} samples: {band.metric} drift "
+                              f"{verdict['drift']:+.4f} is {verdict['drift_in_bands']:.1f} bands on the harmful "
+                              f"side of the fp32 references at the same point (limit {stop_bands:g})")
+                    early = {**measured, **verdict, "stopped_at_samples": samples}
+                    break
             if trainer.step < total_steps:
                 _report({"seed": seed, "step": trainer.step},
                         {**progress, "finished": finished, "current_seed": seed, "curve": curve,
-                         "skipped": skipped}, trainer)
+                         "skipped": skipped, "rung_quality": rung_quality}, trainer)
         result: dict[str, Any] = {
             "status": status, "reason": reason, "seed": seed, "steps": trainer.step,
             "samples": trainer.samples_seen, "train_seconds": time.time() - started,
             "skipped_steps": skipped, "curve": curve, "resumed_from_step": resumed_from,
-            "world_size": trainer.world_size,
-            "throughput": (len(step_times) * setting.batch_size * trainer.world_size / sum(step_times))
-            if step_times else math.nan,
+            "world_size": trainer.world_size, "rung_quality": json.dumps(rung_quality),
+            "throughput": (len(step_times) * per_step / sum(step_times)) if step_times else math.nan,
             **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},
             **{f"speed_{k}": v for k, v in trainer.speed_info.items()},
+            **early,  # a stopped seed's quality is the one measured where it stopped
         }
         result["step_seconds"] = step_seconds
         if status == "ok":
@@ -239,6 +277,7 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
         _report({"seed": seed, "done": len(finished)}, progress, extra_files={SAMPLES_FILE: grid})
         if _rank() == 0:
             q = result.get(f"quality_{study.quality.metric}", math.nan)
-            print(f"[quality] {setting.label()} seed {seed}: {status} {study.quality.metric}={q:.4f}", flush=True)
+            print(f"[quality] {setting.label()} seed {seed}: {status} {study.quality.metric}={q:.4f}"
+                  + (f" ({reason})" if status == "stopped" else ""), flush=True)
         del trainer
     return finished

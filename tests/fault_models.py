@@ -22,21 +22,34 @@ class FaultyColorizer(Colorizer):
     * with ``pause_file`` set, the first process to train a mixed-precision setting for
       ``pause_at_call`` steps writes its pid to that file and stops there (until killed), so a test can
       kill a training worker at a known step; processes started later, e.g. the worker Ray Train
-      restarts, find the file and carry on."""
+      restarts, find the file and carry on;
+    * with ``drift_when_mixed`` > 0, a mixed-precision setting's samples are pulled that far towards
+      black: it trains like any other but its image quality is clearly worse (planted drift)."""
 
     name = "faultycolorizer"
-    presets = {name: {**arch, "oom_above": 4, "nan_after": 12, "pause_file": "", "pause_at_call": 0}
+    presets = {name: {**arch, "oom_above": 4, "nan_after": 12, "pause_file": "", "pause_at_call": 0,
+                      "drift_when_mixed": 0.0}
                for name, arch in Colorizer.presets.items()}
 
     def build(self, preset, eps, flags):
         arch = self.arch(preset)
         self.oom_above, self.nan_after, self.calls = arch["oom_above"], arch["nan_after"], 0
         self.pause_file, self.pause_at_call = arch["pause_file"], arch["pause_at_call"]
+        self.drift_when_mixed = arch["drift_when_mixed"]
         return super().build(preset, eps, flags)
 
+    @staticmethod
+    def _mixed(batch) -> bool:
+        return torch.is_autocast_enabled(batch["gray"].device.type) or batch["gray"].dtype != torch.float32
+
+    def samples(self, nets, batch):
+        fake, real = super().samples(nets, batch)
+        if self.drift_when_mixed and self._mixed(batch):
+            fake = fake - self.drift_when_mixed * (fake + 1)  # towards -1, black
+        return fake, real
+
     def _maybe_pause(self, batch) -> None:
-        mixed = torch.is_autocast_enabled(batch["gray"].device.type) or batch["gray"].dtype != torch.float32
-        if not (self.pause_file and mixed and self.calls == self.pause_at_call):
+        if not (self.pause_file and self._mixed(batch) and self.calls == self.pause_at_call):
             return
         try:
             with open(self.pause_file, "x") as f:  # only the first process to get here pauses

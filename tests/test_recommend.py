@@ -110,3 +110,23 @@ def test_results_table_round_trips_through_parquet(tmp_path):
     assert again.get("a")["speedup_ratios"] == "[1.4, 1.6]"
     assert "quality_ssim" not in again.get("a")  # missing cells don't come back as NaN
     assert np.isclose(again.get("b")["quality_ssim"], 0.5)
+
+
+def test_the_cross_model_table_shows_same_and_larger_batch_per_study(tmp_path, capsys):
+    from orchestrator.__main__ import main
+
+    larger = Setting(opt_level="O1", dtype="fp16", batch_size=4)
+    frame = pd.concat([planted_table(), pd.DataFrame([candidate(larger, 2.2, 2.1, 2.3, ssim=0.50)])])
+    for model, table in (("pix2pixhd", frame), ("spade", planted_table())):
+        rec = recommend(table, model=model, preset="tiny", metric="ssim", reference=REFERENCE)
+        rec["study"] = {"resolution": "32x32", "reference_batch_size": 2}
+        write_recommendation(rec, tmp_path / model)
+    assert main(["compare", str(tmp_path / "pix2pixhd"), str(tmp_path / "spade" / "recommendations" / "spade.yaml")]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert len(rows) == 2
+    p2p, spade = (r.split(" | ") for r in rows)
+    assert p2p[4].startswith(f"{GOOD.label()}: 1.80x [1.70, 1.90]") and p2p[5].startswith(f"{larger.label()}: 2.20x")
+    assert p2p[6].startswith(larger.label())  # the fastest inside the band overall
+    assert spade[5] == "—" and spade[6].startswith(GOOD.label())
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path / "nowhere")])

@@ -31,7 +31,6 @@ Conventions, shared with any model that imports this module (vid2vid, few-shot v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
