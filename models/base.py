@@ -51,6 +51,9 @@ class GANModel(ABC):
       eps_sites: numerically sensitive constants and their fp32 defaults, by site name
       presets:   preset name -> architecture kwargs; must include ``tiny``, ``small``, ``paper``.
                  Every key a user may override must appear in every preset.
+      fp32_batch_keys: floating batch entries that are geometry, not activations (e.g. optical
+                 flow in pixels): the trainer keeps them fp32 when O2/O3 cast the inputs to half,
+                 where bf16 would round a 100 px flow to the nearest 0.5 px.
 
     Rules that keep the trainer generic:
       * losses call only ``nets.generator(...)`` / ``nets.discriminator(...)`` (never reach into
@@ -62,6 +65,7 @@ class GANModel(ABC):
     name: str = ""
     eps_sites: dict[str, float] = {}
     presets: dict[str, dict[str, Any]] = {}
+    fp32_batch_keys: tuple[str, ...] = ()
 
     def __init__(self, **options: Any) -> None:
         """``options`` override preset keys (e.g. ``vgg_weights``, ``n_blocks``); see ``arch``."""

@@ -467,6 +467,7 @@ class FewShotGenerator(nn.Module):
 class FewShotVid2Vid(GANModel):
     name = "fs_vid2vid"
     eps_sites = {"adam": 1e-8, "label_encoder_norm": 1e-5, "instance_norm": 1e-5}
+    fp32_batch_keys = ("flow",)  # the flow target, in pixels
     presets: dict[str, dict[str, Any]] = {
         # tests: a 32x32, K=2, T=2, batch-2 step takes well under 0.5 s on a CPU
         "tiny": dict(label_nc=CITYSCAPES_LABEL_NC, ngf=8, n_downsample=2, n_hyper=2, n_fc=1, spade_ks=1,

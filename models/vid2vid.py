@@ -232,6 +232,7 @@ def required_frames(n_frames_d: int, n_scales_temporal: int) -> int:
 class Vid2Vid(GANModel):
     name = "vid2vid"
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5}
+    fp32_batch_keys = ("flow",)  # the reference flow, in pixels
     presets: dict[str, dict[str, Any]] = {
         # tests: a 32x32 4-frame batch-2 step takes well under 0.5 s on a CPU
         "tiny": dict(label_nc=CITYSCAPES_LABEL_NC, ngf=8, n_downsample=2, n_blocks=2, n_frames_G=3,

@@ -186,7 +186,7 @@ class Trainer:
         for key, value in batch.items():
             if torch.is_tensor(value):
                 value = value.to(self.device, non_blocking=True)
-                if value.is_floating_point():
+                if value.is_floating_point() and key not in self.model.fp32_batch_keys:
                     value = value.to(self.policy.input_dtype)
                 if self.setting.flags.channels_last and value.dim() == 4:
                     value = value.contiguous(memory_format=torch.channels_last)
