@@ -46,6 +46,18 @@ def _rank() -> int:
     return ray.train.get_context().get_world_rank()
 
 
+def _worker_nodes() -> str:
+    """The Ray node ids (short) this run's ranks are on, comma-separated: where a DDP trial ran."""
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()[:12]
+    everyone = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    return ",".join(sorted(set(everyone)))
+
+
 def _restore_progress() -> tuple[dict[str, Any], Path | None]:
     """(progress dict, local checkpoint dir) from the latest checkpoint, if Ray restored one."""
     checkpoint = ray.train.get_checkpoint()
@@ -259,7 +271,8 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
             "status": status, "reason": reason, "seed": seed, "steps": trainer.step,
             "samples": trainer.samples_seen, "train_seconds": time.time() - started,
             "skipped_steps": skipped, "curve": curve, "resumed_from_step": resumed_from,
-            "world_size": trainer.world_size, "rung_quality": json.dumps(rung_quality),
+            "world_size": trainer.world_size, "worker_nodes": _worker_nodes(),
+            "rung_quality": json.dumps(rung_quality),
             "throughput": (len(step_times) * per_step / sum(step_times)) if step_times else math.nan,
             **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},
             **{f"speed_{k}": v for k, v in trainer.speed_info.items()},

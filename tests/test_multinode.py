@@ -150,6 +150,8 @@ def test_study_trains_ddp_across_two_nodes(three_node_cluster, mlflow_server, tm
         groups.setdefault(actor.placement_group_id, set()).add(actor.node_id)
     assert len(groups) >= 3, groups  # profile, references, quality trial
     assert all(len(node_ids) == WORLD_SIZE for node_ids in groups.values()), groups
+    # ... and each trained row says so itself
+    assert (trained["worker_nodes"].str.split(",").map(len) == WORLD_SIZE).all(), trained["worker_nodes"]
     worker_nodes = set().union(*groups.values())
     assert {nodes["node_a"].node_id, nodes["node_b"].node_id} & worker_nodes
 
