@@ -21,6 +21,18 @@ from orchestrator.config import load_config
 from orchestrator.study import Study, machine_description
 
 
+def breakdown(rows: pd.DataFrame, wall: float, ray_init: float) -> list[tuple[str, float]]:
+    """[(part, seconds)] of a study's wall time, from its trained/profiled rows' own timings: what
+    is left after steps, other worker work and ray.init is Ray's (and MLflow's) overhead."""
+    col = lambda name: float(rows[name].fillna(0).sum()) if name in rows else 0.0  # noqa: E731
+    steps = col("profile_step_seconds") + col("step_seconds")  # a trained row has both
+    other = col("build_seconds") + col("memory_seconds") + col("eval_seconds")
+    return [("training steps (profile blocks + quality training)", steps),
+            ("other worker work (build, memory probe, eval)", other),
+            ("ray.init", ray_init),
+            ("Ray worker groups, scheduling, reporting, MLflow", wall - ray_init - steps - other)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--search-space", type=Path, default=Path(__file__).resolve().parents[1] / "search_spaces" / "pix2pixhd.yaml")
@@ -45,19 +57,12 @@ def main() -> None:
 
     frame = pd.read_parquet(output / "results.parquet")
     rows = frame[frame["kind"].isin(["candidate", "reference"])]
-    col = lambda name: float(rows[name].fillna(0).sum()) if name in rows else 0.0
-    steps = col("step_seconds")
-    other = col("build_seconds") + col("memory_seconds") + col("eval_seconds")
-    ray_share = wall - ray_init - steps - other
     print(f"machine: {machine_description()}")
     print(f"study: {config.experiment} ({len(rows[rows['kind'] == 'candidate'])} settings profiled, "
           f"{int(frame.get('trial_done', pd.Series(dtype=float)).fillna(0).sum())} trained, "
           f"{config.budget.reference_seeds} reference seeds)")
     print(f"{'part':<44}{'seconds':>10}{'share':>8}")
-    for name, seconds in [("training steps (profile blocks + quality training)", steps),
-                          ("other worker work (build, memory probe, eval)", other),
-                          ("ray.init", ray_init),
-                          ("Ray worker groups, scheduling, reporting, MLflow", ray_share)]:
+    for name, seconds in breakdown(rows, wall, ray_init):
         print(f"{name:<44}{seconds:>10.1f}{seconds / wall:>8.0%}")
     print(f"{'total wall time':<44}{wall:>10.1f}{1:>8.0%}")
     print(f"stage wall times: { {k: round(v, 1) for k, v in result['study']['stage_seconds'].items()} }")

@@ -147,7 +147,8 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
                                     rounds=budget.profile_rounds, warmup=budget.profile_warmup,
                                     slower_than=1.0)
             stepped = time.time()
-            done[key] = {**result.as_dict(), "build_seconds": built - started, "step_seconds": stepped - built,
+            done[key] = {**result.as_dict(), "build_seconds": built - started,
+                         "profile_step_seconds": stepped - built,  # quality training adds its step_seconds
                          # what the speed flags resolved to (optimizer impl, fusion fallbacks, affinity)
                          **{f"speed_{k}": v for k, v in candidate.speed_info.items()}}
             del candidate
