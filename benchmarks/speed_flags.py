@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.base import load_model
-from orchestrator import fusion
+from models import fusion
 from orchestrator.batch_finder import ProbeResult, find_max_batch, trainer_probe
 from orchestrator.config import DataConfig
 from orchestrator.measure import bootstrap_median

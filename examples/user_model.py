@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Batch, GANModel, Logs, Nets
+from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import maybe_checkpoint
 from orchestrator.settings import SpeedFlags
 
@@ -84,6 +84,7 @@ class Discriminator(nn.Module):
 
 class Colorizer(GANModel):
     name = "colorizer"
+    supported_flags = TRAINER_FLAGS | {"checkpointing"}
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5}
     presets: dict[str, dict[str, Any]] = {
         "tiny": {"width": 8, "blocks": 2, "l1_weight": 10.0},
@@ -117,7 +118,7 @@ class Colorizer(GANModel):
         score = nets.discriminator(batch["gray"], fake)
         adversarial = F.mse_loss(score.float(), torch.ones_like(score, dtype=torch.float32))
         l1 = F.l1_loss(fake.float(), batch["image"].float())
-        return adversarial + self.l1_weight * l1, {"g_l1": float(l1.detach())}
+        return adversarial + self.l1_weight * l1, {"g_l1": l1.detach()}
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return nets.generator(batch["gray"]), batch["image"]

@@ -20,7 +20,14 @@ from torch import nn
 from orchestrator.settings import SpeedFlags
 
 Batch = dict[str, torch.Tensor]
-Logs = dict[str, float]
+# Values a loss reports beside the loss itself. Return them as detached tensors (``x.detach()``),
+# never ``float(x)``: on a GPU every host read of a tensor waits for all queued kernels, so the
+# trainer reads every log value of many steps at once, every ``log_every`` steps.
+Logs = dict[str, "torch.Tensor | float"]
+
+# Speed flags the trainer applies to any model (optimizer, CPU pinning, memory format, TF32); the
+# others (``checkpointing``, ``fusion``) work only where a model wires them into its networks/losses.
+TRAINER_FLAGS = frozenset({"fused_optimizer", "affinity", "channels_last", "tf32"})
 
 
 @dataclass
@@ -51,6 +58,8 @@ class GANModel(ABC):
       eps_sites: numerically sensitive constants and their fp32 defaults, by site name
       presets:   preset name -> architecture kwargs; must include ``tiny``, ``small``, ``paper``.
                  Every key a user may override must appear in every preset.
+      supported_flags: the speed flags it honours (``TRAINER_FLAGS`` plus ``checkpointing`` and/or
+                 ``fusion`` where the model wires them in)
       fp32_batch_keys: floating batch entries that are geometry, not activations (e.g. optical
                  flow in pixels): the trainer keeps them fp32 when O2/O3 cast the inputs to half,
                  where bf16 would round a 100 px flow to the nearest 0.5 px.
@@ -59,13 +68,17 @@ class GANModel(ABC):
       * losses call only ``nets.generator(...)`` / ``nets.discriminator(...)`` (never reach into
         submodules: under DDP the networks are wrapped);
       * the eps site ``adam`` (if declared) is consumed by the trainer as the optimizer's eps;
-      * the returned loss may be any float dtype; the trainer casts it to fp32 before scaling.
+      * the returned loss may be any float dtype; the trainer casts it to fp32 before scaling;
+      * log values are detached tensors, never ``float(...)`` (see ``Logs``).
     """
 
     name: str = ""
     eps_sites: dict[str, float] = {}
     presets: dict[str, dict[str, Any]] = {}
     fp32_batch_keys: tuple[str, ...] = ()
+    # speed flags this model honours: the trainer's own plus the model-level ones it wires in
+    # (``checkpointing``, ``fusion``). A study widening a flag outside this set is refused.
+    supported_flags: frozenset[str] = TRAINER_FLAGS
 
     def __init__(self, **options: Any) -> None:
         """``options`` override preset keys (e.g. ``vgg_weights``, ``n_blocks``); see ``arch``."""

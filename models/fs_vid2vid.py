@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Batch, GANModel, Logs, Nets
+from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import MultiscaleDiscriminator, ResnetStack, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from orchestrator.settings import SpeedFlags
@@ -466,6 +466,7 @@ class FewShotGenerator(nn.Module):
 
 class FewShotVid2Vid(GANModel):
     name = "fs_vid2vid"
+    supported_flags = TRAINER_FLAGS | {"checkpointing"}
     eps_sites = {"adam": 1e-8, "label_encoder_norm": 1e-5, "instance_norm": 1e-5}
     fp32_batch_keys = ("flow",)  # the flow target, in pixels
     presets: dict[str, dict[str, Any]] = {
@@ -543,7 +544,7 @@ class FewShotVid2Vid(GANModel):
         pred_real = nets.discriminator(self._pairs(batch["labels"], batch["frames"]))
         loss_fake = gan_loss(pred_fake, False, "hinge")
         loss_real = gan_loss(pred_real, True, "hinge")
-        return loss_fake + loss_real, {"d_real": float(loss_real.detach()), "d_fake": float(loss_fake.detach())}
+        return loss_fake + loss_real, {"d_real": loss_real.detach(), "d_fake": loss_fake.detach()}
 
     def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
         if self.hparams is None:
@@ -560,15 +561,15 @@ class FewShotVid2Vid(GANModel):
         flow_err = (flow.float() - batch["flow"].float()).abs() * mask
         loss_flow = hp["lambda_flow"] * flow_err.sum() / (2 * mask.sum()).clamp(min=1.0)
         loss = loss_gan + loss_feat + loss_flow
-        logs = {"g_gan": float(loss_gan.detach()), "g_feat": float(loss_feat.detach()),
-                "g_flow": float(loss_flow.detach())}
+        logs = {"g_gan": loss_gan.detach(), "g_feat": loss_feat.detach(),
+                "g_flow": loss_flow.detach()}
         if hp["use_vgg"]:
             if nets.aux is None or "vgg" not in nets.aux:
                 raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
             fake_flat = fake.flatten(0, 1)
             loss_vgg = hp["lambda_vgg"] * nets.aux["vgg"](fake_flat, batch["frames"].flatten(0, 1).to(fake_flat.dtype))
             loss = loss + loss_vgg
-            logs["g_vgg"] = float(loss_vgg.detach())
+            logs["g_vgg"] = loss_vgg.detach()
         return loss, logs
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Batch, GANModel, Logs, Nets
+from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import maybe_checkpoint
 from models.losses import VGGLoss
-from orchestrator import fusion
+from models import fusion
 from orchestrator.settings import SpeedFlags
 
 FP16_TINY = 2.0**-14  # smallest normal fp16 number
@@ -299,6 +299,7 @@ def hole_tv_loss(comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class Inpainting(GANModel):
     name = "inpainting"
+    supported_flags = TRAINER_FLAGS | {"checkpointing", "fusion"}
     # pconv_mask: 1e-8 was the fp32 code's; NVIDIA's fp16 fix is 1e-6. gram_divisor: 2**14 splits
     # the Gram factor exactly when it would be an fp16 subnormal (harmless in fp32)
     eps_sites = {"adam": 1e-8, "pconv_mask": 1e-8, "gram_divisor": 2.0**14}
@@ -379,14 +380,14 @@ class Inpainting(GANModel):
         loss_hole = ((1 - mask32) * diff).mean()
         loss_tv = hole_tv_loss(comp, mask)
         loss = hp["lambda_valid"] * loss_valid + hp["lambda_hole"] * loss_hole + hp["lambda_tv"] * loss_tv
-        logs = {"g_valid": float(loss_valid.detach()), "g_hole": float(loss_hole.detach()),
-                "g_tv": float(loss_tv.detach())}
+        logs = {"g_valid": loss_valid.detach(), "g_hole": loss_hole.detach(),
+                "g_tv": loss_tv.detach()}
         if hp["use_vgg"]:
             if nets.aux is None or "vgg" not in nets.aux:
                 raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
             loss_perc, loss_style = self.feature_losses(nets.aux["vgg"], out, comp, real)
             loss = loss + hp["lambda_perceptual"] * loss_perc + hp["lambda_style"] * loss_style
-            logs.update(g_perceptual=float(loss_perc.detach()), g_style=float(loss_style.detach()))
+            logs.update(g_perceptual=loss_perc.detach(), g_style=loss_style.detach())
         return loss, logs
 
     def feature_losses(self, vgg: VGGLoss, out: torch.Tensor, comp: torch.Tensor,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.fusion import fused
+from models.fusion import fused
 
 GanMode = Literal["lsgan", "hinge"]
 DOutput = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]]
@@ -46,7 +46,7 @@ def gan_loss(outputs: DOutput, target_is_real: bool, mode: GanMode = "lsgan",
     hinge: D uses relu(1 - pred) on real and relu(1 + pred) on fake; G uses -pred (call it with
     ``target_is_real=True, for_discriminator=False``).
     ``fusion`` (the speed flag: none | jit | compile) computes each term with the fused chain from
-    ``orchestrator.fusion`` (fp32 inside, as autocast does for ``mse_loss``)."""
+    ``models.fusion`` (fp32 inside, as autocast does for ``mse_loss``)."""
     preds = _predictions(outputs)
     if fusion != "none":
         term = fused(_fused_gan_term(mode, target_is_real, for_discriminator), fusion)

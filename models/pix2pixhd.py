@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Batch, GANModel, Logs, Nets
+from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import ConvBlock, MultiscaleDiscriminator, ResnetStack, instance_edges, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from orchestrator.settings import SpeedFlags
@@ -92,6 +92,7 @@ class Pix2PixHDGenerator(nn.Module):
 
 class Pix2PixHD(GANModel):
     name = "pix2pixhd"
+    supported_flags = TRAINER_FLAGS | {"checkpointing", "fusion"}
     eps_sites = {"instance_norm": 1e-5, "adam": 1e-8}
     presets: dict[str, dict[str, Any]] = {
         # tests: a 64x64 batch-2 step takes a few tens of ms on a CPU
@@ -123,7 +124,7 @@ class Pix2PixHD(GANModel):
                                                 eps=eps_norm)
         aux = nn.ModuleDict({"vgg": VGGLoss(arch["vgg_weights"], fusion=flags.fusion)}) if arch["use_vgg"] else None
         self.hparams = arch
-        self.fusion = flags.fusion  # the losses' pointwise chains (orchestrator.fusion)
+        self.fusion = flags.fusion  # the losses' pointwise chains (models.fusion)
         return Nets(generator=generator, discriminator=discriminator, aux=aux)
 
     def _label_nc(self) -> int:
@@ -158,7 +159,7 @@ class Pix2PixHD(GANModel):
         loss_fake = gan_loss(pred_fake, False, fusion=self.fusion)
         loss_real = gan_loss(pred_real, True, fusion=self.fusion)
         loss = 0.5 * (loss_fake + loss_real)
-        return loss, {"d_real": float(loss_real.detach()), "d_fake": float(loss_fake.detach())}
+        return loss, {"d_real": loss_real.detach(), "d_fake": loss_fake.detach()}
 
     def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
         if self.hparams is None:
@@ -171,13 +172,13 @@ class Pix2PixHD(GANModel):
         loss_gan = gan_loss(pred_fake, True, fusion=self.fusion)
         loss_feat = feature_matching_loss(pred_fake, pred_real, self.hparams["lambda_feat"], fusion=self.fusion)
         loss = loss_gan + loss_feat
-        logs = {"g_gan": float(loss_gan.detach()), "g_feat": float(loss_feat.detach())}
+        logs = {"g_gan": loss_gan.detach(), "g_feat": loss_feat.detach()}
         if self.hparams["use_vgg"]:
             if nets.aux is None or "vgg" not in nets.aux:
                 raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
             loss_vgg = self.hparams["lambda_feat"] * nets.aux["vgg"](fake, real.to(fake.dtype))
             loss = loss + loss_vgg
-            logs["g_vgg"] = float(loss_vgg.detach())
+            logs["g_vgg"] = loss_vgg.detach()
         return loss, logs
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from models.base import Batch, GANModel, Logs, Nets
+from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import instance_edges, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from orchestrator.settings import SpeedFlags
@@ -488,6 +488,7 @@ def kld_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 class SPADE(GANModel):
     name = "spade"
+    supported_flags = TRAINER_FLAGS | {"checkpointing"}
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5, "spectral_norm": 1e-12}
     presets: dict[str, dict[str, Any]] = {
         # tests: a 32x32 batch-2 step in a few tens of ms on a CPU (input size: multiple of 8)
@@ -578,7 +579,7 @@ class SPADE(GANModel):
         pred_fake, pred_real = self._discriminate(nets, seg, fake.detach(), real)
         loss_fake = gan_loss(pred_fake, False, "hinge")
         loss_real = gan_loss(pred_real, True, "hinge")
-        return loss_fake + loss_real, {"d_real": float(loss_real.detach()), "d_fake": float(loss_fake.detach())}
+        return loss_fake + loss_real, {"d_real": loss_real.detach(), "d_fake": loss_fake.detach()}
 
     def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
         hp = self._hparams()
@@ -591,17 +592,17 @@ class SPADE(GANModel):
         n_intermediate = len(pred_fake[0]) - 1
         loss_feat = feature_matching_loss(pred_fake, pred_real, hp["lambda_feat"] * n_intermediate)
         loss = loss_gan + loss_feat
-        logs = {"g_gan": float(loss_gan.detach()), "g_feat": float(loss_feat.detach())}
+        logs = {"g_gan": loss_gan.detach(), "g_feat": loss_feat.detach()}
         if hp["use_vgg"]:
             if nets.aux is None or "vgg" not in nets.aux:
                 raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
             loss_vgg = hp["lambda_vgg"] * nets.aux["vgg"](fake, real.to(fake.dtype))
             loss = loss + loss_vgg
-            logs["g_vgg"] = float(loss_vgg.detach())
+            logs["g_vgg"] = loss_vgg.detach()
         if mu is not None:
             loss_kld = hp["lambda_kld"] * kld_loss(mu, logvar)
             loss = loss + loss_kld
-            logs["g_kld"] = float(loss_kld.detach())
+            logs["g_kld"] = loss_kld.detach()
         return loss, logs
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

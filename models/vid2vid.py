@@ -37,7 +37,7 @@ Differences from the original, on purpose:
 
 Speed flags (the vid2vid seed's model-local findings): ``checkpointing`` blocks|all wraps every
 residual block (all: also the down/up-sampling stages) in ``maybe_checkpoint``; ``fusion`` jit|compile
-runs the output blend and the loss terms as fused pointwise chains (``orchestrator.fusion``).
+runs the output blend and the loss terms as fused pointwise chains (``models.fusion``).
 
 fp16 numerics: the warp is kept in fp32 (inputs cast up, autocast off inside, result cast back),
 as vid2vid's fp16 path did. In half precision the sampling grid's normalised coordinates in
@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Batch, GANModel, Logs, Nets
+from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import ConvBlock, MultiscaleDiscriminator, ResnetStack, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
-from orchestrator import fusion
+from models import fusion
 from orchestrator.settings import SpeedFlags
 
 CITYSCAPES_LABEL_NC = 35
@@ -231,6 +231,7 @@ def required_frames(n_frames_d: int, n_scales_temporal: int) -> int:
 
 class Vid2Vid(GANModel):
     name = "vid2vid"
+    supported_flags = TRAINER_FLAGS | {"checkpointing", "fusion"}
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5}
     fp32_batch_keys = ("flow",)  # the reference flow, in pixels
     presets: dict[str, dict[str, Any]] = {
@@ -265,7 +266,7 @@ class Vid2Vid(GANModel):
                                              arch["n_frames_D"], arch["n_scales_temporal"], eps=eps_norm)
         aux = nn.ModuleDict({"vgg": VGGLoss(arch["vgg_weights"], fusion=flags.fusion)}) if arch["use_vgg"] else None
         self.hparams = arch
-        self.fusion = flags.fusion  # the losses' pointwise chains (orchestrator.fusion)
+        self.fusion = flags.fusion  # the losses' pointwise chains (models.fusion)
         return Nets(generator=generator, discriminator=discriminator, aux=aux)
 
     def required_frames(self) -> int | None:
@@ -394,12 +395,12 @@ class Vid2Vid(GANModel):
         d_fake = gan_loss(p_fake, False, fusion=self.fusion) + gan_loss(p_raw, False, fusion=self.fusion)
         d_real = 2 * gan_loss(p_real, True, fusion=self.fusion)
         loss = 0.5 * (d_fake + d_real)
-        logs = {"d_real": float(d_real.detach()), "d_fake": float(d_fake.detach())}
+        logs = {"d_real": d_real.detach(), "d_fake": d_fake.detach()}
         if temporal:
             t_fake = sum(gan_loss(fake, False, fusion=self.fusion) for fake, _ in temporal)
             t_real = sum(gan_loss(real_out, True, fusion=self.fusion) for _, real_out in temporal)
             loss = loss + 0.5 * (t_fake + t_real)
-            logs.update(d_t_real=float(t_real.detach()), d_t_fake=float(t_fake.detach()))
+            logs.update(d_t_real=t_real.detach(), d_t_fake=t_fake.detach())
         return loss, logs
 
     def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
@@ -421,7 +422,7 @@ class Vid2Vid(GANModel):
             loss_t_feat = sum(feature_matching_loss(t_fake, t_real, feat_weight, fusion=self.fusion)
                               for t_fake, t_real in temporal)
             loss = loss + loss_t_gan + loss_t_feat
-            logs.update(g_t_gan=float(loss_t_gan.detach()), g_t_feat=float(loss_t_feat.detach()))
+            logs.update(g_t_gan=loss_t_gan.detach(), g_t_feat=loss_t_feat.detach())
 
         # flow, warp and mask terms on frames 1.. (frame 0 has no previous frame)
         conf = self.confidence(real, flow_ref).flatten(0, 1)
@@ -436,9 +437,9 @@ class Vid2Vid(GANModel):
         mask = seq["mask"][:, 1:].flatten(0, 1).float()
         loss_mask = masked_l1(mask, torch.zeros_like(mask), conf)
         loss = loss + loss_flow + loss_flow_warp + loss_warp + loss_mask
-        logs.update(g_gan=float(loss_gan.detach()), g_feat=float(loss_feat.detach()),
-                    g_flow=float(loss_flow.detach()), g_flow_warp=float(loss_flow_warp.detach()),
-                    g_warp=float(loss_warp.detach()), g_mask=float(loss_mask.detach()))
+        logs.update(g_gan=loss_gan.detach(), g_feat=loss_feat.detach(),
+                    g_flow=loss_flow.detach(), g_flow_warp=loss_flow_warp.detach(),
+                    g_warp=loss_warp.detach(), g_mask=loss_mask.detach())
         if hp["use_vgg"]:
             if nets.aux is None or "vgg" not in nets.aux:
                 raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
@@ -447,7 +448,7 @@ class Vid2Vid(GANModel):
             loss_vgg = hp["lambda_feat"] * (vgg(fake.flatten(0, 1), real_f.to(fake.dtype))
                                             + vgg(raw.flatten(0, 1), real_f.to(raw.dtype)))
             loss = loss + loss_vgg
-            logs["g_vgg"] = float(loss_vgg.detach())
+            logs["g_vgg"] = loss_vgg.detach()
         return loss, logs
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from models.base import Batch, GANModel, Nets
 from orchestrator import affinity as cpu_affinity
-from orchestrator import fusion
+from models import fusion
 from orchestrator.config import DataConfig
 from orchestrator.precision import Diverged, PrecisionPolicy
 from orchestrator.settings import Setting

@@ -13,7 +13,7 @@ from torch.utils.data import default_collate
 
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from models.pix2pixhd import Pix2PixHD
-from orchestrator import fusion
+from models import fusion
 from orchestrator.config import DataConfig
 from orchestrator.data.street import StreetDataset
 from orchestrator.settings import SpeedFlags

@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 from models.base import Nets, load_model
 from models.vid2vid import (CompositeGenerator, Vid2Vid, Vid2VidDiscriminator, required_frames, warp,
                             warp_in_input_dtype)
-from orchestrator import fusion
+from models import fusion
 from orchestrator.config import DataConfig, load_config
 from orchestrator.data.street import CLASSES
 from orchestrator.data.videos import VideoDataset, VideoScene, clip_to_batch, make_video

@@ -27,7 +27,7 @@ input dtype.
 
 A model file uses a chain in one line, and registers its own chains the same way::
 
-    from orchestrator import fusion
+    from models import fusion
     act = fusion.fused("leaky_relu", flags.fusion)          # in build(): store flags.fusion
     y = act(x, 0.2)
 
