@@ -13,7 +13,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
-from orchestrator.settings import Checkpointing, Fusion, HalfDtype, OptLevel, Setting, SpeedFlags
+from orchestrator.settings import TF32, Checkpointing, Fusion, HalfDtype, OptLevel, Setting, SpeedFlags, tf32_value
 
 
 class DataConfig(BaseModel):
@@ -60,7 +60,21 @@ class SearchConfig(BaseModel):
     fusion: list[Fusion] = Field(default_factory=lambda: ["none"], min_length=1)
     affinity: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     channels_last: list[bool] = Field(default_factory=lambda: [False], min_length=1)
-    tf32: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    # on a CUDA device with TF32 (compute capability >= 8.0) a study searches [off, on] unless this
+    # is given; elsewhere TF32 does nothing and [off] stays
+    tf32: list[TF32] = Field(default_factory=lambda: ["off"], min_length=1)
+
+    @field_validator("tf32", mode="before")
+    @classmethod
+    def _tf32_from_bool(cls, value: object) -> object:
+        return [tf32_value(v) for v in value] if isinstance(value, list) else value
+
+    def for_device(self, tf32_capable: bool) -> "SearchConfig":
+        """The space on the training device: with TF32 there (CUDA, compute capability >= 8.0) and
+        ``tf32`` not given in the YAML, both strict fp32 matmuls/convs and TF32 are searched."""
+        if tf32_capable and "tf32" not in self.model_fields_set:
+            return self.model_copy(update={"tf32": ["off", "on"]})
+        return self
 
     @property
     def auto_batch(self) -> bool:
@@ -96,7 +110,11 @@ class BudgetConfig(BaseModel):
 
     profile_warmup: int = Field(default=2, ge=0)  # untimed steps before each setting's first block
     profile_steps: int = Field(default=5, gt=0)  # timed steps per block
-    profile_rounds: int = Field(default=3, gt=0)  # interleaved reference/setting block pairs
+    # interleaved reference/setting block pairs: at least profile_rounds (6 is the fewest whose
+    # order-statistic interval reaches 95 % coverage), more up to profile_max_rounds while the
+    # interval still straddles 1 (or PyTorch's default speedup)
+    profile_rounds: int = Field(default=6, gt=0)
+    profile_max_rounds: int = Field(default=10, gt=0)
     max_profiled: int = Field(default=64, gt=0)  # sample this many settings when the grid is larger
     train_samples: int = Field(default=128, gt=0)  # quality budget: training samples per trial
     checkpoint_every: int = Field(default=20, gt=0)  # steps between checkpoints in quality trials
@@ -108,6 +126,13 @@ class BudgetConfig(BaseModel):
     # is more than early_stop_bands noise bands on the harmful side stops ([] = never stop early)
     early_stop_at: list[float] = Field(default_factory=lambda: [0.5])
     early_stop_bands: float = Field(default=3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _max_rounds(self) -> "BudgetConfig":
+        if self.profile_max_rounds < self.profile_rounds:
+            raise ValueError(f"profile_max_rounds ({self.profile_max_rounds}) must be >= profile_rounds "
+                             f"({self.profile_rounds})")
+        return self
 
     @field_validator("early_stop_at")
     @classmethod
@@ -189,6 +214,12 @@ class StudyConfig(BaseModel):
     def reference(self) -> Setting:
         """The fp32 yardstick: O0, no speed flags, default eps, reference batch size."""
         return Setting(opt_level="O0", batch_size=self.reference_batch_size or min(self.search.fixed_batch_sizes))
+
+    @property
+    def torch_default(self) -> Setting:
+        """What a user runs today: fp32 with PyTorch's own backend flags (TF32 convolutions on
+        Ampere+ GPUs). A recommendation must beat it to be called faster."""
+        return self.reference.model_copy(update={"flags": SpeedFlags(tf32="default")})
 
 
 class ConfigError(ValueError):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from orchestrator.measure import SpeedEstimate, ratio_of
 from orchestrator.quality import metric_direction
 from orchestrator.settings import Setting
 
@@ -108,7 +109,46 @@ def stops_early(metrics: dict[str, float], band: Band, bands: float) -> dict[str
     return scores if scores["drift_in_bands"] > bands else None
 
 
+DEFAULT_COLUMNS = ("speedup_vs_default", "speedup_vs_default_low", "speedup_vs_default_high",
+                   "speedup_vs_default_coverage")
+
+
+def _estimate(row: pd.Series | dict) -> SpeedEstimate:
+    return SpeedEstimate(_num(row, "speedup"), _num(row, "speedup_low"), _num(row, "speedup_high"),
+                         _num(row, "speedup_spread"), coverage=_num(row, "speedup_coverage"))
+
+
+def with_default_speedups(frame: pd.DataFrame, torch_default: Setting) -> pd.DataFrame:
+    """Add each candidate's speedup over PyTorch's default fp32 (``speedup_vs_default*``).
+
+    Where the study timed PyTorch's default as a row of its own (a TF32 GPU), a setting's speedup
+    over it is its speedup over strict fp32 divided by the default's (``measure.ratio_of``); where
+    it did not (CPUs, pre-Ampere GPUs: the default *is* strict fp32), the two are the same."""
+    frame = frame.copy()
+    key = torch_default.key()
+    default = None
+    if "setting_key" in frame:
+        rows = frame[(frame["setting_key"] == key) & (frame["kind"] == "candidate")]
+        if len(rows) and math.isfinite(_num(rows.iloc[0], "speedup")):
+            default = _estimate(rows.iloc[0])
+    values = []
+    for _, row in frame.iterrows():
+        mine = _estimate(row)
+        if default is not None and row.get("kind") == "candidate" and math.isfinite(mine.speedup):
+            vs = ratio_of(mine, default) if row.get("setting_key") != key else SpeedEstimate(1.0, 1.0, 1.0, 0.0, coverage=1.0)
+        else:
+            vs = mine
+        values.append([vs.speedup, vs.low, vs.high, vs.coverage])
+    for i, column in enumerate(DEFAULT_COLUMNS):
+        frame[column] = [v[i] for v in values] if values else []
+    frame.attrs["torch_default_timed"] = default is not None
+    return frame
+
+
 def _setting(row: pd.Series) -> Setting:
+    text = row.get("setting_json")
+    if isinstance(text, str) and text:
+        return Setting.model_validate_json(text)
     flat = {k: row[k] for k in row.index if k in Setting.model_fields or k.startswith("eps.")
             or k in ("checkpointing", "fused_optimizer", "fusion", "affinity", "channels_last", "tf32")}
     flat = {k: (v.item() if hasattr(v, "item") else v) for k, v in flat.items() if not _missing(v)}
@@ -136,9 +176,14 @@ def pareto_front(candidates: pd.DataFrame) -> pd.DataFrame:
 
 
 def recommend(frame: pd.DataFrame, *, model: str, preset: str, metric: str, band_multiplier: float = 1.0,
-              reference: Setting) -> dict[str, Any]:
-    """The recommendation as a plain dict (what ``recommendations/<model>.yaml`` holds)."""
+              reference: Setting, torch_default: Setting | None = None) -> dict[str, Any]:
+    """The recommendation as a plain dict (what ``recommendations/<model>.yaml`` holds). A setting
+    is called faster only when its speedup interval over PyTorch's default fp32 (what the user runs
+    today; strict fp32 where the two are the same) lies above 1."""
     band = reference_band(frame, metric, band_multiplier)
+    torch_default = torch_default or reference.model_copy(update={"flags": reference.flags.model_copy(update={"tf32": "default"})})
+    frame = with_default_speedups(frame, torch_default)
+    default_timed = frame.attrs["torch_default_timed"]
     cands = frame[frame["kind"] == "candidate"].copy()
     trained = cands[cands.get("trained", pd.Series(0, index=cands.index)).fillna(0).astype(float) > 0].copy()
     if len(trained):
@@ -148,18 +193,27 @@ def recommend(frame: pd.DataFrame, *, model: str, preset: str, metric: str, band
     eligible = eligible[eligible["speedup"].notna()] if len(eligible) else eligible
 
     ref_memory = _reference_memory(frame)
-    best = _fastest(eligible)
-    if best is not None and _num(best, "speedup_low") > 1.0:
+    faster = eligible[eligible["speedup_vs_default_low"] > 1.0] if len(eligible) else eligible
+    best = _fastest(faster)
+    yardstick = "PyTorch's default fp32" if default_timed else "fp32"
+    if best is not None:
         choice = {**_describe(best, reference, ref_memory), "verdict": "faster with no measurable quality effect"}
     else:
-        why = ("no setting both stayed inside the noise band and was measurably faster (speedup interval above 1)"
-               if len(trained) else "no candidate setting reached quality training")
-        if best is not None:
-            why += f"; the fastest inside the band was {best.get('label')} at {_num(best, 'speedup'):.2f}x " \
-                   f"[{_num(best, 'speedup_low'):.2f}, {_num(best, 'speedup_high'):.2f}]"
-        choice = {"setting": reference.model_dump(mode="json"), "label": reference.label(), "speedup": 1.0,
-                  "speedup_interval": [1.0, 1.0], "peak_memory_mib": ref_memory, "memory_saving": 0.0,
-                  "drift": 0.0, "differs_from_default": {}, "verdict": f"keep fp32: {why}"}
+        fastest = _fastest(eligible)
+        why = (f"no setting both stayed inside the noise band and was measurably faster than {yardstick} "
+               f"(speedup interval above 1)" if len(trained) else "no candidate setting reached quality training")
+        if fastest is not None:
+            why += f"; the fastest inside the band was {fastest.get('label')} at " \
+                   f"{_num(fastest, 'speedup_vs_default'):.2f}x [{_num(fastest, 'speedup_vs_default_low'):.2f}, " \
+                   f"{_num(fastest, 'speedup_vs_default_high'):.2f}] over {yardstick}"
+        keep = torch_default if default_timed else reference
+        default_row = frame[(frame.get("setting_key") == keep.key())] if default_timed else frame.iloc[:0]
+        speed = _estimate(default_row.iloc[0]) if len(default_row) else SpeedEstimate(1.0, 1.0, 1.0, 0.0)
+        choice = {"setting": keep.model_dump(mode="json"), "label": keep.label(), "speedup": speed.speedup,
+                  "speedup_interval": [speed.low, speed.high], "speedup_vs_default": 1.0,
+                  "speedup_vs_default_interval": [1.0, 1.0], "peak_memory_mib": ref_memory, "memory_saving": 0.0,
+                  "drift": 0.0, "differs_from_default": {},
+                  "verdict": f"keep {'your current training (PyTorch default fp32)' if default_timed else 'fp32'}: {why}"}
     # the seed reports give both: the gain at the reference batch, and with the batch a setting allows
     by_batch = {}
     for name, subset in (("same_batch", eligible[eligible["batch_size"] == reference.batch_size] if len(eligible) else eligible),
@@ -198,6 +252,9 @@ def _describe(row: pd.Series, reference: Setting, ref_memory: float) -> dict[str
         "label": setting.label(),
         "speedup": _num(row, "speedup"),
         "speedup_interval": [_num(row, "speedup_low"), _num(row, "speedup_high")],
+        "speedup_coverage": _num(row, "speedup_coverage"),
+        "speedup_vs_default": _num(row, "speedup_vs_default"),
+        "speedup_vs_default_interval": [_num(row, "speedup_vs_default_low"), _num(row, "speedup_vs_default_high")],
         "peak_memory_mib": memory,
         "memory_saving": 1 - memory / ref_memory if ref_memory and math.isfinite(ref_memory) else math.nan,
         "drift": _num(row, "drift"),

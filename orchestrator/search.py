@@ -241,6 +241,25 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
     run_interruptibly(tuner.fit)
 
 
+# ----------------------------------------------------------------------------- the device
+
+
+@ray.remote(max_retries=0)
+def _probe_device(use_gpu: bool) -> dict[str, Any]:
+    import torch
+
+    from orchestrator.devices import describe_device
+
+    return describe_device("cuda" if use_gpu and torch.cuda.is_available() else "cpu").as_dict()
+
+
+def probe_device(study: StudyConfig) -> dict[str, Any]:
+    """``DeviceInfo`` (as a dict) of a worker with a trial's resources: what training runs on."""
+    resources = study.resources
+    task = _probe_device.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
+    return run_interruptibly(lambda: ray.get(task.remote(resources.use_gpu)))
+
+
 # ----------------------------------------------------------------------------- batch_size: auto
 
 

@@ -17,20 +17,19 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from orchestrator import recommend as rec_mod
 from orchestrator import report as report_mod
 from orchestrator import search
 from orchestrator.config import StudyConfig
+from orchestrator.devices import DeviceInfo, describe_device
 from orchestrator.results import ResultsTable
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.tracking import Tracker
@@ -40,11 +39,8 @@ FINAL_PROFILE = ("ok", "slower", "diverged", "oom", "error")
 
 
 def machine_description() -> str:
-    if torch.cuda.is_available():
-        device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    else:
-        device = f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
-    return f"{platform.node()}: {device}; torch {torch.__version__}"
+    """This process's machine (benchmarks); a study describes its workers' device instead."""
+    return describe_device().describe()
 
 
 def _now() -> str:
@@ -152,7 +148,10 @@ class Study:
         return self.table.get(row_id)
 
     def _candidate_row(self, setting: Setting, values: dict[str, Any]) -> dict[str, Any]:
-        base = {"kind": "candidate", "setting_key": setting.key(), "label": setting.label(), **setting.flat()}
+        base = {"kind": "candidate", "setting_key": setting.key(), "label": setting.label(),
+                "setting_json": setting.model_dump_json(), **setting.flat()}
+        if setting == self.config.torch_default:
+            base["baseline"] = "torch_default"
         return self._record(setting.key(), {**base, **values})
 
     # ------------------------------------------------------------------ stages
@@ -163,15 +162,32 @@ class Study:
 
         return load_model(self.config.model.name, **self.config.model.options).name
 
+    def device(self) -> DeviceInfo:
+        """The training device, probed once on a worker with a trial's resources (cached for --resume)."""
+        cached = (self.table.get("study") or {}).get("device_info")
+        if cached:
+            return DeviceInfo.from_dict(json.loads(cached))
+        info = DeviceInfo.from_dict(search.probe_device(self.config))
+        self.table.upsert("study", {"device_info": json.dumps(info.as_dict()), "machine": info.describe()})
+        self.log(f"training device: {info.describe()}")
+        if info.torch_default_differs:
+            self.log(f"  TF32: searching tf32 off/on{' (search.tf32 is set: as given)' if 'tf32' in self.config.search.model_fields_set else ''}"
+                     f"; PyTorch's default fp32 (TF32 {info.torch_default_tf32_text()}) is timed as a row of its own")
+        return info
+
     def candidates(self) -> list[Setting]:
-        """The grid, with eps values equal to the model's defaults dropped (so the default-eps fp32
-        setting *is* the reference, not a copy of it), minus the reference itself."""
+        """The grid on the training device, with eps values equal to the model's defaults dropped
+        (so the default-eps fp32 setting *is* the reference, not a copy of it), minus the reference
+        itself; plus PyTorch's default fp32 where it differs from strict fp32 (TF32 GPUs)."""
         from models.base import load_model
 
         defaults = load_model(self.config.model.name, **self.config.model.options).eps_sites
         reference = self.config.reference.key()
+        device = self.device()
         unique: dict[str, Setting] = {}
-        for setting in self.config.search.candidates():
+        if device.torch_default_differs:
+            unique[self.config.torch_default.key()] = self.config.torch_default
+        for setting in self.config.search.for_device(device.tf32_capable).candidates():
             eps = {k: v for k, v in setting.eps.items() if defaults.get(k) != v}
             setting = setting.model_copy(update={"eps": eps})
             unique.setdefault(setting.key(), setting)
@@ -182,7 +198,8 @@ class Study:
         limit = self.config.budget.max_profiled
         if len(grid) > limit:
             self.log(f"the grid has {len(grid)} settings; profiling a random sample of {limit}")
-            grid = random.Random(self.config.seed).sample(grid, limit)
+            keep = [s for s in grid if s == self.config.torch_default]
+            grid = keep + random.Random(self.config.seed).sample([s for s in grid if s not in keep], limit - len(keep))
         return grid
 
     def _auto_batch_settings(self, grid: list[Setting]) -> list[Setting]:
@@ -339,7 +356,8 @@ class Study:
         frame = self.table.frame()
         rec = rec_mod.recommend(frame, model=self.model_name, preset=cfg.model.preset, metric=cfg.quality.metric,
                                 band_multiplier=cfg.quality.band_multiplier, reference=cfg.reference)
-        rec["study"] = {"experiment": cfg.experiment, "machine": machine_description(),
+        machine = (self.table.get("study") or {}).get("machine") or machine_description()
+        rec["study"] = {"experiment": cfg.experiment, "machine": machine,
                         "resolution": f"{cfg.data.height}x{cfg.data.width}",
                         "reference_batch_size": cfg.reference.batch_size,
                         "wall_seconds": wall_seconds, "stage_seconds": self.timings,
@@ -347,7 +365,7 @@ class Study:
                         "tracking_uri": self.tracking_uri}
         rec_path = rec_mod.write_recommendation(rec, self.output)
         report = report_mod.write_report(rec, frame, self.output, tracking_uri=self.tracking_uri,
-                                         machine=machine_description())
+                                         machine=machine)
         try:
             self.tracker().log_study_artifacts([rec_path, report, self.table.path, self.output / "report_images"],
                                                {"wall_seconds": wall_seconds,

@@ -131,10 +131,17 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
     if "reference" not in done:
         done["reference"] = memory(study.reference)
     reference = _trainer(study, study.reference, study.seed)
+    # PyTorch's default fp32 first (when it is in the grid): its speedup is a second threshold every
+    # other setting's interval must decide against (faster than what the user runs today, or not)
+    settings = sorted(settings, key=lambda s: s != study.torch_default)
     for index, setting in enumerate(settings):
         key = setting.key()
         if key in done:
             continue
+        decide = (1.0,)
+        default_done = done.get(study.torch_default.key(), {})
+        if setting != study.torch_default and math.isfinite(default_done.get("speedup", math.nan)):
+            decide = (1.0, float(default_done["speedup"]))
         started = time.time()
         try:
             candidate = _trainer(study, setting, study.seed)
@@ -144,8 +151,8 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
         else:
             built = time.time()
             result = paired_profile(reference, candidate, steps=budget.profile_steps,
-                                    rounds=budget.profile_rounds, warmup=budget.profile_warmup,
-                                    slower_than=1.0)
+                                    rounds=budget.profile_rounds, max_rounds=budget.profile_max_rounds,
+                                    warmup=budget.profile_warmup, slower_than=1.0, decide=decide)
             stepped = time.time()
             done[key] = {**result.as_dict(), "build_seconds": built - started,
                          "profile_step_seconds": stepped - built,  # quality training adds its step_seconds

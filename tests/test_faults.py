@@ -29,7 +29,7 @@ def study_yaml(tmp_path: Path, **changes) -> Path:
         "model": {"name": FAULTY, "preset": "tiny"},
         "data": {"height": 16, "width": 16, "train_samples": 16, "val_samples": 8},
         "search": {"opt_level": ["O0", "O1"], "dtype": ["bf16"], "batch_size": [2]},
-        "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "train_samples": 16,
+        "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "profile_max_rounds": 2, "train_samples": 16,
                    "reference_seeds": 2, "max_trials": 1, "checkpoint_every": 4,
                    # train the O1 setting even when timing noise profiles it as slower than fp32
                    "keep_slower": True},
