@@ -118,7 +118,11 @@ class BudgetConfig(BaseModel):
     max_profiled: int = Field(default=64, gt=0)  # sample this many settings when the grid is larger
     train_samples: int = Field(default=128, gt=0)  # quality budget: training samples per trial
     checkpoint_every: int = Field(default=20, gt=0)  # steps between checkpoints in quality trials
-    reference_seeds: int = Field(default=3, ge=2)  # fp32 replicates that define the noise band
+    reference_seeds: int = Field(default=3, ge=2)  # fp32 replicates: the seed-to-seed spread
+    # each trained setting repeats the first candidate_seeds reference seeds (same initialisation,
+    # data order and noise draws): its drift is the mean paired difference with fp32 (1: one seed,
+    # compared unpaired with the references' mean)
+    candidate_seeds: int = Field(default=2, ge=1)
     max_trials: int = Field(default=6, gt=0)  # Optuna trials in stage 2
     keep_slower: bool = False  # also quality-test settings slower than the reference
     # early stopping in stage 2: at these fractions of train_samples a trial's quality is compared
@@ -126,6 +130,9 @@ class BudgetConfig(BaseModel):
     # is more than early_stop_bands noise bands on the harmful side stops ([] = never stop early)
     early_stop_at: list[float] = Field(default_factory=lambda: [0.5])
     early_stop_bands: float = Field(default=3.0, gt=0)
+    # quality is also measured at these fractions of train_samples (references and trials): the
+    # quality-over-time curves, and time-to-quality
+    quality_at: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
 
     @model_validator(mode="after")
     def _max_rounds(self) -> "BudgetConfig":
@@ -134,16 +141,36 @@ class BudgetConfig(BaseModel):
                              f"({self.profile_rounds})")
         return self
 
-    @field_validator("early_stop_at")
+    @model_validator(mode="after")
+    def _seeds(self) -> "BudgetConfig":
+        if self.candidate_seeds > self.reference_seeds:
+            raise ValueError(f"candidate_seeds ({self.candidate_seeds}) cannot exceed reference_seeds "
+                             f"({self.reference_seeds}): each candidate seed is paired with a reference of that seed")
+        return self
+
+    @field_validator("early_stop_at", "quality_at")
     @classmethod
     def _fractions(cls, value: list[float]) -> list[float]:
         if any(not 0 < f < 1 for f in value):
             raise ValueError(f"fractions of train_samples strictly between 0 and 1; got {value}")
         return sorted(set(value))
 
+    def _samples(self, fractions: list[float]) -> list[int]:
+        return sorted({max(1, round(f * self.train_samples)) for f in fractions} - {self.train_samples})
+
     def rung_samples(self) -> list[int]:
         """The sample counts at which quality is measured before the end of training."""
-        return sorted({max(1, round(f * self.train_samples)) for f in self.early_stop_at} - {self.train_samples})
+        return sorted(set(self._samples(self.early_stop_at)) | set(self._samples(self.quality_at)))
+
+    def stop_samples(self) -> list[int]:
+        """The rungs where a trial clearly worse than fp32 may stop."""
+        return self._samples(self.early_stop_at)
+
+    def candidate_seed_list(self, seed: int) -> list[int]:
+        return [seed + i for i in range(self.candidate_seeds)]
+
+    def reference_seed_list(self, seed: int) -> list[int]:
+        return [seed + i for i in range(self.reference_seeds)]
 
 
 class ResourcesConfig(BaseModel):
@@ -169,8 +196,31 @@ class QualityConfig(BaseModel):
 
     metric: str = "ssim"  # decides the recommendation: ssim | psnr | l1 | fd
     feature_network: Path | None = None  # TorchScript feature extractor for the Fréchet distance
-    band_multiplier: float = Field(default=1.0, gt=0)  # a drift counts as inside when |drift| <= multiplier x band
+    # the equivalence margin: the quality loss that still counts as "the same as fp32". A number is
+    # absolute (metric units), "2%" is relative to the fp32 mean; unset: band_multiplier x the fp32
+    # seed-to-seed standard deviation, never below min_relative_margin x the fp32 mean
+    margin: float | str | None = None
+    band_multiplier: float = Field(default=1.0, gt=0)
+    min_relative_margin: float = Field(default=0.01, ge=0)
+    # warn before stage 2 when the fp32 seeds spread wider than this share of their mean: the
+    # budget cannot see small quality losses
+    max_relative_band: float = Field(default=0.05, gt=0)
     eval_batches: int | None = None  # validation batches per evaluation (None = whole val split)
+
+    @field_validator("margin")
+    @classmethod
+    def _margin(cls, value: float | str | None) -> float | str | None:
+        if value is None:
+            return None
+        from orchestrator.verdict import parse_margin
+
+        try:
+            number, _ = parse_margin(value)
+        except ValueError:
+            raise ValueError(f"a number (absolute) or a percentage like '2%' (relative); got {value!r}") from None
+        if not number > 0:
+            raise ValueError(f"must be > 0; got {value!r}")
+        return value
 
     @field_validator("metric")
     @classmethod

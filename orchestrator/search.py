@@ -19,6 +19,7 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import ResourcesConfig, StudyConfig
+from orchestrator.results import combine_seed_results
 from orchestrator.settings import Setting
 from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
 
@@ -120,10 +121,11 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
                  rung_bands: dict[int, dict] | None = None) -> tuple[dict[str, Any], Path | None]:
     """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path).
 
-    Quality is also measured at the budget's early-stop rungs; with ``rung_bands`` (the references'
-    bands there, as dicts) a seed clearly outside one stops early."""
+    Quality is also measured at the budget's curve points and early-stop rungs; with ``rung_bands``
+    (the references' bands there, as dicts) a seed clearly outside one at an early-stop rung stops."""
     config = {"study": study.model_dump(mode="json"), "setting": setting.model_dump(mode="json"), "seeds": seeds,
-              "rungs": study.budget.rung_samples(), "rung_bands": {str(k): v for k, v in (rung_bands or {}).items()},
+              "rungs": study.budget.rung_samples(), "stops": study.budget.stop_samples(),
+              "rung_bands": {str(k): v for k, v in (rung_bands or {}).items()},
               "stop_bands": study.budget.early_stop_bands}
     result = _fit(quality_loop, config, study, storage, name)
     grid = None
@@ -139,10 +141,11 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[str, dict], storage: str,
                   evaluate: Callable[[dict[str, Any]], dict[str, float]],
                   rung_bands: dict[int, dict] | None = None) -> None:
-    """One Tune trial: train the proposed setting for the quality budget and report speedup (from
-    stage 1) and drift. A repeated proposal reuses the finished result and costs no training; a
-    setting clearly outside the references' band at an early-stop rung stops there, and its drift
-    is the one measured at that rung."""
+    """One Tune trial: train the proposed setting for the quality budget with the references' first
+    ``budget.candidate_seeds`` seeds (paired with them) and report speedup (from stage 1) and its
+    quality loss against fp32. A repeated proposal reuses the finished result and costs no
+    training; a setting clearly outside the references' band at an early-stop rung stops there, and
+    its drift is the one measured at that rung."""
     study = StudyConfig.model_validate(study_json)
     key = params["setting"]
     setting = Setting.model_validate(candidates[key]["setting"])
@@ -151,16 +154,16 @@ def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[
     if cache.exists():
         ray.tune.report({**json.loads(cache.read_text()), "trained": 0, "repeat": 1})
         return
-    finished, grid = run_training(study, setting, [study.seed], Path(storage), name=f"quality-{key}",
-                                  rung_bands=rung_bands)
-    outcome = finished[str(study.seed)]
+    finished, grid = run_training(study, setting, study.budget.candidate_seed_list(study.seed), Path(storage),
+                                  name=f"quality-{key}", rung_bands=rung_bands)
+    outcome = combine_seed_results(finished)
     scores = evaluate(outcome)
     metrics = {"setting_key": key, "label": setting.label(),
                **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))},
                **scores, "speedup": float(profile.get("speedup") or 0.0), "trained": 1,
                "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
-    if not math.isfinite(metrics["drift_in_bands"]):
-        metrics["drift_in_bands"] = PENALTY_DRIFT
+    if not math.isfinite(metrics["drift_in_margins"]):
+        metrics["drift_in_margins"] = PENALTY_DRIFT
     if outcome.get("status") not in ("ok", "stopped"):
         metrics["speedup"] = 0.0  # a diverged setting has no useful speed
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +210,7 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
 
     The space is one categorical over the survivors: stage 1 already removed the slow, diverging
     and out-of-memory corners, so no proposal is wasted on them. The fastest untried survivors are
-    proposed first (the likeliest recommendation); ``previous`` ({key: [speedup, drift_in_bands]})
+    proposed first (the likeliest recommendation); ``previous`` ({key: [speedup, drift_in_margins]})
     are what a resumed study already trained."""
     from ray.tune.search.optuna import OptunaSearch
 
@@ -219,7 +222,7 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
     untried = [k for k in keys if k not in previous]
     first = untried[: min(2, num_trials)]
     searcher = OptunaSearch(
-        metric=["speedup", "drift_in_bands"], mode=["max", "min"], seed=study.seed,
+        metric=["speedup", "drift_in_margins"], mode=["max", "min"], seed=study.seed,
         # previously trained keys come back from the trial cache at no cost, so Optuna learns them
         points_to_evaluate=[{"setting": k} for k in list(previous) + first] or None,
     )

@@ -255,8 +255,8 @@ class Study:
         return {k: row[k] for k in row if k in ("status", "speedup", "speedup_low", "speedup_high", "profile_status")} | {
             "status": row.get("profile_status", row.get("status"))}
 
-    def references(self) -> rec_mod.Band:
-        seeds = [self.config.seed + i for i in range(self.config.budget.reference_seeds)]
+    def references(self) -> rec_mod.QualityBasis:
+        seeds = self.config.budget.reference_seed_list(self.config.seed)
         todo = [s for s in seeds if (self.table.get(f"reference:{s}") or {}).get("status") is None]
         reference = self.config.reference
         if todo:
@@ -271,14 +271,21 @@ class Study:
                 result = finished[str(seed)]
                 self._record(f"reference:{seed}",
                              {"kind": "reference", "seed": seed, "label": f"fp32 reference seed {seed}",
+                              "setting_key": reference.key(), "setting_json": reference.model_dump_json(),
                               **reference.flat(), **result, **memory, "speedup": 1.0, "trained": 1,
                               "samples_grid": str(grid) if grid and seed == todo[0] else None})
-        frame = self.table.frame()
-        band = rec_mod.reference_band(frame, self.config.quality.metric, self.config.quality.band_multiplier)
-        self.log(f"noise band of {band.metric}: {band.mean:.4f} ± {band.tolerance:.4f} over {len(band.values)} seeds")
-        return band
+        basis = rec_mod.quality_basis(self.table.frame(), self.config.quality)
+        metric = basis.column.removeprefix("quality_")
+        self.log(f"fp32 {metric} over {len(basis.references)} seeds: {basis.mean:.4f} ± {basis.sd:.4f} (sd); "
+                 f"equivalence margin {basis.margin.value:.4g} ({basis.margin.source})")
+        if basis.relative_spread > self.config.quality.max_relative_band:
+            self.log(f"warning: the fp32 seeds spread {basis.relative_spread:.0%} of their mean {metric}, more than "
+                     f"quality.max_relative_band ({self.config.quality.max_relative_band:.0%}): at this budget only large "
+                     f"quality losses are visible. Raise budget.train_samples (now {self.config.budget.train_samples}) "
+                     f"so training settles, or budget.reference_seeds/candidate_seeds for more pairs")
+        return basis
 
-    def quality_search(self, settings: list[Setting], known: dict[str, dict], band: rec_mod.Band) -> None:
+    def quality_search(self, settings: list[Setting], known: dict[str, dict], basis: rec_mod.QualityBasis) -> None:
         budget = self.config.budget
         allowed = ("ok", "slower") if budget.keep_slower else ("ok",)
         survivors = [s for s in settings if known.get(s.key(), {}).get("status") in allowed]
@@ -289,7 +296,7 @@ class Study:
         if not survivors or remaining <= 0:
             return
         by_key = {s.key(): s for s in settings}
-        previous = {r["row_id"]: [float(r.get("speedup") or 0.0), float(r.get("drift_in_bands", search.PENALTY_DRIFT))]
+        previous = {r["row_id"]: [float(r.get("speedup") or 0.0), float(r.get("drift_in_margins", search.PENALTY_DRIFT))]
                     for r in trained if r["row_id"] in by_key and by_key[r["row_id"]] in survivors}
 
         def on_result(metrics: dict[str, Any]) -> None:
@@ -306,8 +313,10 @@ class Study:
                            "samples_grid": metrics.get("samples_grid") or None})
             self._candidate_row(by_key[key], values)
             self.log(f"[stage 2] {by_key[key].label()}: {values['status']}, speedup {metrics.get('speedup', math.nan):.2f}, "
-                     f"drift {metrics.get('drift', math.nan):+.4f} ({'inside' if metrics.get('inside_band') else 'outside'} band)")
+                     f"mean paired drift {metrics.get('drift', math.nan):+.4f} over {len(json.loads(values.get('seeds', '[]')))} "
+                     f"seed(s) ({metrics.get('drift_in_margins', math.nan):.2f} margins of loss)")
 
+        band = basis.band
         rungs = rec_mod.rung_bands(self.table.frame(), band)
         if self.config.budget.early_stop_at:
             self.log("early stop: " + (", ".join(f"after {n} samples {b.metric} {b.mean:.4f} ± {b.tolerance:.4f}"
@@ -316,7 +325,7 @@ class Study:
                      + f"; a trial more than {self.config.budget.early_stop_bands:g} bands worse stops there")
         started = time.time()
         search.run_search(self.config, survivors, known, self.storage,
-                          evaluate=functools.partial(rec_mod.score_outcome, band=band),
+                          evaluate=functools.partial(rec_mod.score_trial, basis=basis),
                           on_result=on_result, previous=previous, num_trials=remaining,
                           rung_bands={n: dataclasses.asdict(b) for n, b in rungs.items()})
         self.timings["search"] = time.time() - started
@@ -331,8 +340,8 @@ class Study:
             self.sync()  # a resumed study first logs what an unreachable server missed
             settings = self.candidates()
             known = self.profile(settings)
-            band = self.references()
-            self.quality_search(settings, known, band)
+            basis = self.references()
+            self.quality_search(settings, known, basis)
             result = self.finish(time.time() - started)
         except BaseException:
             self._finish_parent("FAILED")
@@ -354,8 +363,8 @@ class Study:
             self.log(f"warning: {pending} rows are not in MLflow yet: run `python -m orchestrator sync "
                      f"--output {self.output}` when {self.tracking_uri} answers")
         frame = self.table.frame()
-        rec = rec_mod.recommend(frame, model=self.model_name, preset=cfg.model.preset, metric=cfg.quality.metric,
-                                band_multiplier=cfg.quality.band_multiplier, reference=cfg.reference)
+        rec = rec_mod.recommend(frame, model=self.model_name, preset=cfg.model.preset, quality=cfg.quality,
+                                reference=cfg.reference, torch_default=cfg.torch_default)
         machine = (self.table.get("study") or {}).get("machine") or machine_description()
         rec["study"] = {"experiment": cfg.experiment, "machine": machine,
                         "resolution": f"{cfg.data.height}x{cfg.data.width}",
@@ -367,11 +376,13 @@ class Study:
         report = report_mod.write_report(rec, frame, self.output, tracking_uri=self.tracking_uri,
                                          machine=machine)
         try:
-            self.tracker().log_study_artifacts([rec_path, report, self.table.path, self.output / "report_images"],
-                                               {"wall_seconds": wall_seconds,
-                                                "recommended_speedup": float(rec["recommended"]["speedup"])})
+            tracker = self.tracker()
+            tracker.log_study_artifacts([rec_path, report, self.table.path, self.output / "report_images"],
+                                        {"time/wall_seconds": wall_seconds,
+                                         "recommended_speedup": float(rec["recommended"]["speedup"])})
+            tracker.log_figures({p.stem: p for p in sorted((self.output / "report_images").glob("*.png"))})
         except Exception as error:  # noqa: BLE001
             self.log(f"warning: MLflow artifact logging failed ({error})")
         rec["paths"] = {"recommendation": str(rec_path), "report": str(report), "results": str(self.table.path)}
-        rec["table"] = report_mod.results_table_text(frame, rec_mod.Band(**rec["noise_band"]))
+        rec["table"] = report_mod.results_table_text(frame, rec)
         return rec

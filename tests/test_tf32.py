@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator.config import parse_config
 from orchestrator.devices import DeviceInfo
+from orchestrator.config import QualityConfig
 from orchestrator.recommend import recommend
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.study import Study
@@ -67,8 +68,10 @@ def row(setting: Setting, speedup: float, low: float, high: float, ssim: float |
            "kind": "candidate", "label": setting.label(), "status": "ok", "speedup": speedup,
            "speedup_low": low, "speedup_high": high, "speedup_coverage": 0.97, "peak_memory_mib": 80.0,
            **setting.flat()}
-    if ssim is not None:
-        out.update({"trained": 1, "quality_ssim": ssim})
+    if ssim is not None:  # trained with the references' seeds 0 and 1, paired: a hair either side of them
+        values = {0: 0.50 + ssim - 0.50 + 0.001, 1: 0.51 + ssim - 0.50 - 0.001}
+        out.update({"trained": 1, "quality_ssim": ssim, "seeds": "[0, 1]",
+                    "seed_results": json.dumps({str(k): {"status": "ok", "quality_ssim": v} for k, v in values.items()})})
     return out
 
 
@@ -83,16 +86,16 @@ def test_beating_strict_fp32_but_not_pytorch_default_is_not_called_faster():
     """The H200 case: TF32 alone 1.55x, O1-fp16 1.43x over strict fp32. O1 is faster than strict fp32
     but slower than what the user runs today, so the study keeps PyTorch's default."""
     frame = table(row(DEFAULT, 1.55, 1.50, 1.60, ssim=None), row(O1, 1.43, 1.38, 1.48))
-    rec = recommend(frame, model="m", preset="paper", metric="ssim", reference=REFERENCE)
+    rec = recommend(frame, model="m", preset="paper", quality=QualityConfig(metric="ssim"), reference=REFERENCE)
     assert rec["recommended"]["label"] == DEFAULT.label()
     assert rec["recommended"]["verdict"].startswith("keep your current training (PyTorch default fp32)")
-    assert "over PyTorch's default fp32" in rec["recommended"]["verdict"]
+    assert "of PyTorch's default fp32" in rec["recommended"]["verdict"]
 
 
 def test_a_setting_that_beats_pytorch_default_is_recommended_with_both_speedups():
     frame = table(row(DEFAULT, 1.55, 1.50, 1.60, ssim=None), row(O1, 1.43, 1.38, 1.48),
                   row(O1_2X, 2.71, 2.60, 2.80))
-    rec = recommend(frame, model="m", preset="paper", metric="ssim", reference=REFERENCE)
+    rec = recommend(frame, model="m", preset="paper", quality=QualityConfig(metric="ssim"), reference=REFERENCE)
     best = rec["recommended"]
     assert best["label"] == O1_2X.label()
     assert best["speedup"] == 2.71 and best["speedup_vs_default"] == pytest.approx(2.71 / 1.55)
@@ -101,6 +104,6 @@ def test_a_setting_that_beats_pytorch_default_is_recommended_with_both_speedups(
 
 def test_without_a_pytorch_default_row_the_default_is_strict_fp32():
     """CPUs and pre-Ampere GPUs: no default row, and speedups over the default equal those over fp32."""
-    rec = recommend(table(row(O1, 1.43, 1.38, 1.48)), model="m", preset="tiny", metric="ssim", reference=REFERENCE)
+    rec = recommend(table(row(O1, 1.43, 1.38, 1.48)), model="m", preset="tiny", quality=QualityConfig(metric="ssim"), reference=REFERENCE)
     assert rec["recommended"]["label"] == O1.label()
     assert rec["recommended"]["speedup_vs_default"] == 1.43
