@@ -388,8 +388,7 @@ def recommend(frame: pd.DataFrame, *, model: str, preset: str, quality: QualityC
 
     ref_memory = _reference_memory(frame)
     best, tied, rule = _pick(eligible, reference)
-    quality_text = (f"{basis.column.removeprefix('quality_')} loss within the margin {basis.margin.value:.4g} "
-                    f"({basis.margin.source})")
+    quality_text = f"{basis.column.removeprefix('quality_')} loss within the margin {basis.margin.value:.4g}"
     if best is not None:
         choice = {**_describe(best, reference, ref_memory, ttq),
                   "verdict": f"faster than {yardstick} and equivalent to fp32 in quality: {best['verdict_reason']}",

@@ -123,12 +123,12 @@ def plot_pareto(frame: pd.DataFrame, rec: dict, path: Path) -> Path:
         yerr = [[max(0.0, v["drift"] - lo)], [max(0.0, hi - v["drift"])]] if math.isfinite(lo) else None
         ax.errorbar(v["speedup"], v["drift"], yerr=yerr, fmt="o", color=colours.get(v["verdict"], "grey"), capsize=3)
         ax.annotate(str(v["label"]), (v["speedup"], v["drift"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        shown.append(v["drift"])
+        shown += [x for x in (v["drift"], lo, hi) if math.isfinite(x)]
     best = rec["recommended"]
     if any(v["label"] == best["label"] for v in verdicts):
         ax.scatter([best["speedup"]], [best["drift"]], s=180, facecolors="none", edgecolors="black",
                    label=f"recommended: {best['label']}")
-    span = 1.3 * max([abs(d) for d in shown] + [2 * margin])
+    span = 1.15 * max([abs(d) for d in shown] + [2 * margin])
     ax.set_ylim(-span, span)
     # the equivalence region: any gain, and losses up to the margin
     ax.axhspan(-margin if direction > 0 else -span, span if direction > 0 else margin, color="tab:green",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 
+from orchestrator import interrupts
 from orchestrator.config import ResourcesConfig, StudyConfig
 from orchestrator.results import combine_seed_results
 from orchestrator.settings import Setting
@@ -26,22 +28,45 @@ from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
 PENALTY_DRIFT = 1e3  # finite stand-in for "diverged / not measurable" (Optuna rejects NaN)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> str:
-    """Connect to ``address`` (an existing cluster) or start a local Ray; returns a description."""
+    """Connect to ``address`` (an existing cluster) or start a local Ray; returns a description.
+
+    A local Ray gets its dashboard on a free loopback port, and its processes are told that address
+    (``RAY_API_SERVER_ADDRESS``): Ray Train's placement-group cleaner polls the state API there, and
+    left to find "the" local Ray by itself it fails with "Found multiple active Ray instances" as
+    soon as a second study runs on the same machine."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # worker lines are the study's progress: never fold "similar" ones (seed 0 / seed 1) together
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():
         return "existing Ray session"
-    # workers must import this project's packages: ship them when running from a source checkout
-    # (an installed project is already importable on every node)
-    # the dashboard (loopback only by default) also serves the state API that Ray Train's
-    # placement-group cleaner polls; without it every run logs a warning every few seconds
     # Ray Train's print patch would echo every worker print twice on the driver
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_V2_ENABLED": "1"}
-    ray.init(address=address, num_cpus=num_cpus if address is None else None,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING",
-             runtime_env={"env_vars": env})
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "0"}
+    env.update({k: os.environ[k] for k in (interrupts.PAUSE_AT, interrupts.PAUSE_FILE) if k in os.environ})
+    kwargs: dict[str, Any] = {}
+    if address is None:
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs = {"num_cpus": num_cpus, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    interrupts.pause_point("ray-start")
+    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING",
+             runtime_env={"env_vars": env}, **kwargs)
+    interrupts.reinstall()
     return address or "local Ray"
+
+
+def session_dir() -> str:
+    """This Ray session's directory (its logs; every process of the session names it)."""
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:  # connected as a client, or not started
+        return ""
 
 
 def cluster_tracking_uri(uri_file: str | os.PathLike | None = None) -> str | None:
@@ -88,7 +113,10 @@ def run_interruptibly(fit: Callable[[], Any]) -> Any:
     thread = threading.Thread(target=target, name="ray-fit", daemon=True)
     thread.start()
     while thread.is_alive():
+        interrupts.check()  # an interrupt a library swallowed still stops the study
         thread.join(0.2)  # a short join keeps the main thread able to take KeyboardInterrupt
+    interrupts.reinstall()
+    interrupts.check()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -288,4 +316,5 @@ def find_batches(study: StudyConfig, settings: list[Setting]) -> list[dict[str, 
     """``batch_size: auto``: one ``BatchSearch`` dict per setting (its batch size is ignored)."""
     resources = study.resources
     task = _find_batches.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
-    return ray.get(task.remote(study.model_dump(mode="json"), [s.model_dump(mode="json") for s in settings]))
+    ref = task.remote(study.model_dump(mode="json"), [s.model_dump(mode="json") for s in settings])
+    return run_interruptibly(lambda: ray.get(ref))

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator import interrupts
 from orchestrator import recommend as rec_mod
 from orchestrator import report as report_mod
 from orchestrator import search
@@ -334,14 +335,19 @@ class Study:
 
     def run(self) -> dict[str, Any]:
         # the URI the study logs to: `sync` must reach the same server later
-        self.table.upsert("study", {"kind": "study", "started_at": _now(), "tracking_uri": self.tracking_uri})
+        self.table.upsert("study", {"kind": "study", "started_at": _now(), "tracking_uri": self.tracking_uri,
+                                    "ray_session_dir": search.session_dir()})
         started = time.time()
         try:
             self.sync()  # a resumed study first logs what an unreachable server missed
             settings = self.candidates()
             known = self.profile(settings)
+            interrupts.pause_point("between-stages")
+            interrupts.check()
             basis = self.references()
+            interrupts.check()
             self.quality_search(settings, known, basis)
+            interrupts.check()
             result = self.finish(time.time() - started)
         except BaseException:
             self._finish_parent("FAILED")
@@ -373,6 +379,7 @@ class Study:
                         "mlflow_parent_run": (self.table.get("study") or {}).get("study_run_id"),
                         "tracking_uri": self.tracking_uri}
         rec_path = rec_mod.write_recommendation(rec, self.output)
+        interrupts.pause_point("report")
         report = report_mod.write_report(rec, frame, self.output, tracking_uri=self.tracking_uri,
                                          machine=machine)
         try:

@@ -20,6 +20,7 @@ import ray.train.torch
 import torch
 
 from models.base import load_model
+from orchestrator import interrupts
 from orchestrator.config import StudyConfig
 from orchestrator.measure import paired_profile
 from orchestrator.memory import peak_memory_mib
@@ -168,6 +169,7 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
         if _rank() == 0:
             print(f"[profile] {index + 1}/{len(settings)} {setting.label()}: {done[key].get('status')} "
                   f"speedup={done[key].get('speedup', math.nan):.3f}", flush=True)
+        interrupts.pause_point("stage1")
     return done
 
 
@@ -329,6 +331,7 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
                     break
             if pause.checkpoint:
                 _report({"seed": seed, "step": run.trainer.step}, run.progress(finished), run.trainer)
+                interrupts.pause_point("references" if setting == study.reference else "stage2")
         result = run.result(status, reason, early)
         if status == "ok":
             eval_started = time.time()
