@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator import interrupts
 from orchestrator.config import ResourcesConfig, StudyConfig
+from orchestrator.recommend import Band
 from orchestrator.results import combine_seed_results
 from orchestrator.settings import Setting
 from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
@@ -141,20 +142,16 @@ def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Pa
 
 def run_profile(study: StudyConfig, settings: list[Setting], storage: Path, name: str = "profile") -> dict[str, Any]:
     """Stage 1 in one worker group: {setting key | "reference": profile result}."""
-    config = {"study": study.model_dump(mode="json"), "settings": [s.model_dump(mode="json") for s in settings]}
-    return _fit(profile_loop, config, study, storage, name).return_value
+    return _fit(profile_loop, {"study": study, "settings": settings}, study, storage, name).return_value
 
 
 def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage: Path, name: str,
-                 rung_bands: dict[int, dict] | None = None) -> tuple[dict[str, Any], Path | None]:
+                 rung_bands: dict[int, Band] | None = None) -> tuple[dict[str, Any], Path | None]:
     """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path).
 
     Quality is also measured at the budget's curve points and early-stop rungs; with ``rung_bands``
-    (the references' bands there, as dicts) a seed clearly outside one at an early-stop rung stops."""
-    config = {"study": study.model_dump(mode="json"), "setting": setting.model_dump(mode="json"), "seeds": seeds,
-              "rungs": study.budget.rung_samples(), "stops": study.budget.stop_samples(),
-              "rung_bands": {str(k): v for k, v in (rung_bands or {}).items()},
-              "stop_bands": study.budget.early_stop_bands}
+    (the references' bands there) a seed clearly outside one at an early-stop rung stops."""
+    config = {"study": study, "setting": setting, "seeds": seeds, "rung_bands": rung_bands or {}}
     result = _fit(quality_loop, config, study, storage, name)
     grid = None
     if result.checkpoint is not None:
@@ -166,49 +163,59 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 # ----------------------------------------------------------------------------- stage 2
 
 
-def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[str, dict], storage: str,
-                  evaluate: Callable[[dict[str, Any]], dict[str, float]],
-                  rung_bands: dict[int, dict] | None = None) -> None:
+# what a trial reports to Tune: the searcher's objectives and the trial's identity; the whole row
+# travels as one JSON field ("row") for the study to record
+TRIAL_REPORT = ("setting_key", "speedup", "drift_in_margins", "trained", "repeat", "status")
+
+
+def quality_trial(params: dict[str, Any], *, study: StudyConfig, candidates: dict[str, tuple[Setting, dict]],
+                  storage: str, evaluate: Callable[[dict[str, Any]], dict[str, float]],
+                  rung_bands: dict[int, Band] | None = None) -> None:
     """One Tune trial: train the proposed setting for the quality budget with the references' first
     ``budget.candidate_seeds`` seeds (paired with them) and report speedup (from stage 1) and its
     quality loss against fp32. A repeated proposal reuses the finished result and costs no
     training; a setting clearly outside the references' band at an early-stop rung stops there, and
     its drift is the one measured at that rung."""
-    study = StudyConfig.model_validate(study_json)
     key = params["setting"]
-    setting = Setting.model_validate(candidates[key]["setting"])
-    profile = candidates[key]["profile"]
+    setting, profile = candidates[key]
     cache = Path(storage) / "trial-cache" / f"{key}.json"
     if cache.exists():
-        ray.tune.report({**json.loads(cache.read_text()), "trained": 0, "repeat": 1})
+        row = json.loads(cache.read_text())
+        ray.tune.report({**{k: row[k] for k in TRIAL_REPORT if k in row}, "trained": 0, "repeat": 1,
+                         "row": json.dumps(row)})
         return
     finished, grid = run_training(study, setting, study.budget.candidate_seed_list(study.seed), Path(storage),
                                   name=f"quality-{key}", rung_bands=rung_bands)
     outcome = combine_seed_results(finished)
-    scores = evaluate(outcome)
-    metrics = {"setting_key": key, "label": setting.label(),
-               **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))},
-               **scores, "speedup": float(profile.get("speedup") or 0.0), "trained": 1,
-               "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
-    if not math.isfinite(metrics["drift_in_margins"]):
-        metrics["drift_in_margins"] = PENALTY_DRIFT
-    if outcome.get("status") not in ("ok", "stopped"):
-        metrics["speedup"] = 0.0  # a diverged setting has no useful speed
+    row = {**{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))}, **evaluate(outcome),
+           "setting_key": key, "label": setting.label(), "trained": 1, "repeat": 0,
+           "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
+    # Optuna's objectives: finite numbers only (NaN would leave its trial RUNNING forever); the
+    # speedup stage 1 measured, 0 for a setting that diverged
+    if not math.isfinite(row["drift_in_margins"]):
+        row["drift_in_margins"] = PENALTY_DRIFT
+    row["speedup"] = float(profile.get("speedup") or 0.0) if outcome.get("status") in ("ok", "stopped") else 0.0
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(metrics))
-    ray.tune.report(metrics)
+    cache.write_text(json.dumps(row))
+    ray.tune.report({**{k: row[k] for k in TRIAL_REPORT}, "row": json.dumps(row)})
 
 
 class _RowCallback(ray.tune.Callback):
-    """Hands each finished trial's metrics to the study (driver side) as soon as it completes."""
+    """Hands each finished trial's metrics to the study (driver side) as soon as it completes, and
+    tells it when a trial starts."""
 
-    def __init__(self, on_result: Callable[[dict[str, Any]], None]):
-        self.on_result = on_result
+    def __init__(self, on_result: Callable[[dict[str, Any]], None],
+                 on_start: Callable[[str], None] | None = None):
+        self.on_result, self.on_start = on_result, on_start
 
     def __getstate__(self):
         # Tune pickles its callbacks into the experiment state; the live driver object keeps the
-        # function, a restored copy just has none
-        return {"on_result": None}
+        # functions, a restored copy just has none
+        return {"on_result": None, "on_start": None}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.on_start is not None:
+            self.on_start(str(trial.config.get("setting", "")))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.on_result is not None:
@@ -233,7 +240,7 @@ class _EnoughTrained(ray.tune.Stopper):
 def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, dict], storage: Path,
                evaluate: Callable[[dict[str, Any]], dict[str, float]], on_result: Callable[[dict], None],
                previous: dict[str, list[float]] | None = None, num_trials: int | None = None,
-               rung_bands: dict[int, dict] | None = None) -> None:
+               rung_bands: dict[int, Band] | None = None, on_start: Callable[[str], None] | None = None) -> None:
     """Stage 2: Optuna (multi-objective: speedup up, drift down) chooses which survivors to train.
 
     The space is one categorical over the survivors: stage 1 already removed the slow, diverging
@@ -255,8 +262,8 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
         points_to_evaluate=[{"setting": k} for k in list(previous) + first] or None,
     )
     space = {"setting": ray.tune.choice(keys)}
-    candidates = {s.key(): {"setting": s.model_dump(mode="json"), "profile": known[s.key()]} for s in survivors}
-    trainable = ray.tune.with_parameters(quality_trial, study_json=study.model_dump(mode="json"),
+    candidates = {s.key(): (s, known[s.key()]) for s in survivors}
+    trainable = ray.tune.with_parameters(quality_trial, study=study,
                                          candidates=candidates, storage=str(storage), evaluate=evaluate,
                                          rung_bands=rung_bands)
     # proposals are cheap unless they train: allow several per trained trial
@@ -266,7 +273,7 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
         tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=num_trials * 4,
                                         max_concurrent_trials=study.resources.max_concurrent_trials),
         run_config=ray.tune.RunConfig(name=f"search-{len(previous)}", storage_path=str(storage),
-                                      callbacks=[_RowCallback(on_result)], stop=_EnoughTrained(num_trials),
+                                      callbacks=[_RowCallback(on_result, on_start)], stop=_EnoughTrained(num_trials),
                                       verbose=0),
     )
     run_interruptibly(tuner.fit)
@@ -295,26 +302,19 @@ def probe_device(study: StudyConfig) -> dict[str, Any]:
 
 
 @ray.remote(max_retries=0)
-def _find_batches(study_json: dict, settings_json: list[dict]) -> list[dict[str, Any]]:
+def _find_batches(study: StudyConfig, settings: list[Setting]) -> list[dict[str, Any]]:
     """On a worker with the trial's resources: the largest fitting batch of each setting."""
     import torch
 
     from orchestrator.batch_finder import find_batch_for_setting
 
-    study = StudyConfig.model_validate(study_json)
     device = "cuda" if study.resources.use_gpu and torch.cuda.is_available() else "cpu"
-    out = []
-    for setting in settings_json:
-        found = find_batch_for_setting(study.model.name, study.model.options, study.model.preset,
-                                       study.data.model_dump(mode="json"), setting, device=device,
-                                       budget_mib=study.resources.memory_budget_mib)
-        out.append(found.as_dict())
-    return out
+    return [find_batch_for_setting(study, setting, device=device).as_dict() for setting in settings]
 
 
 def find_batches(study: StudyConfig, settings: list[Setting]) -> list[dict[str, Any]]:
     """``batch_size: auto``: one ``BatchSearch`` dict per setting (its batch size is ignored)."""
     resources = study.resources
     task = _find_batches.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
-    ref = task.remote(study.model_dump(mode="json"), [s.model_dump(mode="json") for s in settings])
+    ref = task.remote(study, settings)
     return run_interruptibly(lambda: ray.get(ref))
