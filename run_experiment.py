@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # the data, before anything starts Ray: every file opened once, all problems at once
+    from orchestrator.data.check import check_study_data, describe_problems
+
+    problems = check_study_data(config)
+    if problems:
+        print(describe_problems(problems, config.data), file=sys.stderr)
+        return 2
 
     from orchestrator import capacity, search
     from orchestrator.study import Study
