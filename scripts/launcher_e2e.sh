@@ -217,10 +217,12 @@ ray exec "$CONFIG" 'python -c "import orchestrator; print(\"IMPORTED\", orchestr
   > "$WORK/ray-exec.log" 2>&1 || fail "ray exec (log: $WORK/ray-exec.log)"
 grep -aE '^(IMPORTED|URI|ADDRESS) ' "$WORK/ray-exec.log" || fail "no import/URI/address lines in $WORK/ray-exec.log"
 
-log "ray submit run_experiment.py (a tiny study)"
+# as the README runs it (`--address auto`: the head's Ray, and the MLflow server the head runs,
+# found by the study itself); RAY_ADDRESS in the session's ~/.bashrc makes "auto" this cluster
+log "ray submit run_experiment.py -- --address auto (a tiny study)"
 ray rsync-up "$CONFIG" "$WORK/study.yaml" '~/e2e-study.yaml' > "$WORK/rsync-up.log" 2>&1 || fail "ray rsync-up"
 SUBMIT_STARTED=$SECONDS
-ray submit "$CONFIG" "$ROOT/run_experiment.py" -- --search-space '~/e2e-study.yaml' --output '~/runs/launcher-e2e' \
+ray submit "$CONFIG" "$ROOT/run_experiment.py" -- --address auto --search-space '~/e2e-study.yaml' --output '~/runs/launcher-e2e' \
   > "$WORK/ray-submit.log" 2>&1 || { tail -n 60 "$WORK/ray-submit.log"; fail "ray submit (log: $WORK/ray-submit.log)"; }
 tail -n 25 "$WORK/ray-submit.log"
 echo "ray submit: $((SECONDS - SUBMIT_STARTED))s"
