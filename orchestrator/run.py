@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None, prog: str = RUN_SCRIPT) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # the data, before anything starts Ray: every file opened once, all problems at once
+    from orchestrator.data.check import check_study_data, describe_problems
+
+    problems = check_study_data(config)
+    if problems:
+        print(describe_problems(problems, config.data), file=sys.stderr)
+        return 2
     if args.dry_run:
         from orchestrator.plan import dry_run
 

@@ -22,7 +22,8 @@ import torch
 from models.base import load_model
 from orchestrator import interrupts
 from orchestrator.config import StudyConfig
-from orchestrator.measure import paired_profile
+from orchestrator.data.check import DataError
+from orchestrator.measure import ProfileResult, paired_profile
 from orchestrator.memory import measure_settings
 from orchestrator.quality import QualityMeter
 from orchestrator.recommend import Band, stops_early
@@ -134,9 +135,12 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
             done[key] = {"status": status, "reason": f"{type(error).__name__}: {error}"}
         else:
             built = time.time()
-            result = paired_profile(reference, candidate, steps=budget.profile_steps,
-                                    rounds=budget.profile_rounds, max_rounds=budget.profile_max_rounds,
-                                    warmup=budget.profile_warmup, slower_than=1.0, decide=decide)
+            try:
+                result = paired_profile(reference, candidate, steps=budget.profile_steps,
+                                        rounds=budget.profile_rounds, max_rounds=budget.profile_max_rounds,
+                                        warmup=budget.profile_warmup, slower_than=1.0, decide=decide)
+            except DataError as error:  # a file that went bad after the up-front check: this setting's error
+                result = ProfileResult(status="error", reason=str(error))
             done[key] = {**result.as_dict(), "build_seconds": built - started,
                          "profile_step_seconds": time.time() - built,  # quality training adds its step_seconds
                          # what the speed flags resolved to (optimizer impl, fusion fallbacks, affinity)
@@ -342,7 +346,10 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
         for pause in schedule:
             if pause.step <= run.trainer.step and not pause.final:
                 continue  # done before a restart
-            status, reason = run.train_to(pause)
+            try:
+                status, reason = run.train_to(pause)
+            except DataError as error:  # a file that went bad after the up-front check: this run's error
+                status, reason = "error", str(error)
             if status != "ok" or pause.final:
                 break
             if pause.measure:

@@ -338,7 +338,7 @@ def test_folder_photos(tmp_path):
     train = Inpainting().dataset(cfg, "train")
     assert len(train) == 4 and train[1]["image"].shape == (3, 16, 16)
     assert all("train_img" in s for s in train.sources)
-    with pytest.raises(FileNotFoundError, match="test_img"):
+    with pytest.raises(ValueError, match="test_img: the val split needs this folder"):
         Inpainting().dataset(cfg.model_copy(update={"root": tmp_path / "train_img"}), "val")
 
 
