@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +98,6 @@ def test_every_shipped_search_space_is_valid():
 def test_cli_rejects_bad_config_before_any_ray_work(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(with_(search={"opt_level": ["O5"]})))
-    started = time.time()
     done = subprocess.run([sys.executable, "run_experiment.py", "--search-space", str(path),
                            "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -107,7 +105,6 @@ def test_cli_rejects_bad_config_before_any_ray_work(tmp_path):
     assert "search.opt_level.0" in done.stderr and "O5" in done.stderr
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
     assert "Ray" not in done.stdout
-    assert time.time() - started < 60
 
 
 def test_widening_a_speed_flag_the_model_ignores_is_refused_naming_model_and_flag():
