@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None, prog: str = RUN_SCRIPT) -> int:
                 where = search.connect(args.address)
                 # before anything is written; on a head `ray up` launched, the autoscaler's node types count too
                 capacity.check_resources(config.resources,
-                                         os.environ.get("AMP_AUTOSCALER_CONFIG", capacity.DEFAULT_AUTOSCALER_CONFIG))
+                                         os.environ.get("AMP_AUTOSCALER_CONFIG", capacity.DEFAULT_AUTOSCALER_CONFIG),
+                                         log=console.say)
                 console.say(f"Ray: {where}" + (f" (session {search.session_dir()})" if search.session_dir() else ""))
                 result = Study(config, output, tracking_uri, resume=args.resume, log=console.say).run()
             except capacity.ResourceError as error:
