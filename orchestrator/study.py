@@ -34,6 +34,7 @@ from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.tracking import Tracker
 
 CONFIG_FILE = "study.yaml"
+OPTUNA_FILE = "optuna.db"  # stage 2's Optuna studies: optuna-dashboard sqlite:///<output>/optuna.db
 FINAL_PROFILE = ("ok", "slower", "diverged", "oom", "error")
 
 
@@ -318,10 +319,13 @@ class Study:
                                        or "no reference quality measured part-way (references from an older run)")
                      + f"; a trial more than {self.config.budget.early_stop_bands:g} bands worse stops there")
         started = time.time()
-        search.run_search(self.config, survivors, known, self.storage,
+        from models.base import load_model
+
+        eps_defaults = load_model(self.config.model.name, **self.config.model.options).eps_sites
+        search.run_search(self.config, settings, known, survivors, self.storage, eps_defaults=eps_defaults,
                           evaluate=functools.partial(rec_mod.score_trial, basis=basis),
                           on_result=on_result, on_start=on_start, previous=previous, num_trials=remaining,
-                          rung_bands=rungs)
+                          rung_bands=rungs, optuna_storage=f"sqlite:///{self.output / OPTUNA_FILE}")
         self.timings["search"] = time.time() - started
 
     # ------------------------------------------------------------------ all of it
