@@ -95,7 +95,7 @@ def combine_seed_results(finished: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in results[0].items() if not k.startswith("quality_")}
     out.update(status=worst.get("status", "error"), reason=worst.get("reason", ""),
                seeds=json.dumps([int(s) for s in seeds]))
-    for key in ("train_seconds", "step_seconds", "eval_seconds", "skipped_steps"):
+    for key in ("train_seconds", "step_seconds", "eval_seconds", "run_build_seconds", "skipped_steps"):
         values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
         if values:
             out[key] = float(sum(values))

@@ -14,6 +14,17 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "pix2pixhd"
+
+# --quick: a first look at a study in a few minutes. It keeps every precision setting and batch size
+# of the search space but searches no eps values or speed flags, profiles in shorter blocks, trains
+# the quality budget (capped at 128 samples) with 2 fp32 seeds and 2 paired seeds per candidate, and
+# trains the 2 most promising candidates only. An explicit --set wins over these.
+QUICK = {"search.eps": {}, "search.checkpointing": ["none"], "search.fusion": ["none"],
+         "search.fused_optimizer": [False], "search.channels_last": [False], "search.affinity": [False],
+         "budget.profile_steps": 3, "budget.profile_max_rounds": 6, "budget.reference_seeds": 2,
+         "budget.candidate_seeds": 2, "budget.max_trials": 2, "budget.quality_at": [0.5],
+         "budget.early_stop_at": [0.5]}
+QUICK_MAX_SAMPLES = 128
 RUN_SCRIPT = "python run_experiment.py"
 
 
@@ -33,6 +44,9 @@ def build_parser(prog: str = RUN_SCRIPT) -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set budget.max_trials=2 (YAML value; repeatable)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray, Tune and MLflow output on the terminal too (it always goes to <output>/study.log)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a first look in a few minutes: no eps or speed-flag search, 2 seeds, 2 trained "
+                             "settings, at most 128 training samples (output: runs/<experiment>-quick)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the grid, the settings stage 1 would profile, the trials stage 2 may train and "
                              "an estimated cost from a few timed steps here; start nothing")
@@ -70,8 +84,14 @@ def main(argv: list[str] | None = None, prog: str = RUN_SCRIPT) -> int:
     path = args.search_space or default_path(model_name)
     if args.model != DEFAULT_MODEL or args.search_space is None:
         overrides.setdefault("model.name", model_name)
+    if args.quick:
+        overrides = {**QUICK, **overrides}
     try:
         config = load_config(path, overrides)
+        if args.quick:
+            samples = min(config.budget.train_samples, QUICK_MAX_SAMPLES)
+            config = load_config(path, {"budget.train_samples": samples, "experiment": f"{config.experiment}-quick",
+                                        **overrides})
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

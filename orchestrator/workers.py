@@ -229,7 +229,9 @@ class SeedRun:
                  stop_bands: float | None, progress: dict[str, Any]):
         self.study, self.setting, self.seed = study, setting, seed
         self.rung_bands, self.stop_bands = rung_bands, stop_bands
+        built = time.time()
         self.trainer = _trainer(study, setting, seed)
+        self.build_seconds, self.midway_eval_seconds = time.time() - built, 0.0
         mine = progress.get("current_seed") == seed
         self.curve: list[list[float]] = progress.get("curve", []) if mine else []
         self.rung_quality: dict[str, dict[str, float]] = progress.get("rung_quality", {}) if mine else {}
@@ -281,8 +283,10 @@ class SeedRun:
         """Quality part-way (a curve point), with the training time it took to get there."""
         key = str(pause.samples)
         if key not in self.rung_quality:
+            started = time.time()
             self.rung_quality[key] = {**evaluate_midway(self.trainer, self.study),
                                       "train_seconds": self.train_seconds, "at": time.time()}
+            self.midway_eval_seconds += time.time() - started
         return self.rung_quality[key]
 
     def stops_here(self, pause: Pause, measured: dict[str, float]) -> dict[str, Any] | None:
@@ -303,6 +307,7 @@ class SeedRun:
         return {
             "status": status, "reason": reason, "seed": self.seed, "steps": trainer.step,
             "samples": trainer.samples_seen, "train_seconds": self.train_seconds, "step_seconds": self.train_seconds,
+            "run_build_seconds": self.build_seconds, "eval_seconds": self.midway_eval_seconds,
             "start_time": self.started_at, "skipped_steps": self.skipped, "curve": self.curve,
             "resumed_from_step": self.resumed_from, "world_size": trainer.world_size,
             "worker_nodes": _worker_nodes(), "rung_quality": json.dumps(self.rung_quality),
@@ -364,7 +369,7 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
         if status == "ok":
             eval_started = time.time()
             result.update(evaluate(run.trainer, study, grid if seed == seeds[0] else None))
-            result["eval_seconds"] = time.time() - eval_started
+            result["eval_seconds"] += time.time() - eval_started
             if not all(math.isfinite(v) for k, v in result.items() if k.startswith("quality_") and k != "quality_psnr"):
                 result["status"], result["reason"] = "diverged", "non-finite quality metrics"
         result["end_time"] = time.time()
