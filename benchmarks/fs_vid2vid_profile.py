@@ -17,8 +17,9 @@ of the file, so before/after run in one process), one ``Trainer`` with the same 
   ``models/`` whose code issues each cast (Python stacks; slower).
 * ``--fake``: no timing, no data; the D and G losses with backward on *fake* tensors
   (``FakeTensorMode``: shapes and dtypes only, no arithmetic) at any preset and size, e.g. the
-  paper preset at 256x256 in about a minute: ops per step, and every cast by source line with the
-  bytes it moves. CPU autocast's op lists (not CUDA's) decide the dtypes.
+  paper preset at 256x256 in about a minute: ops per step, every cast by source line with the
+  bytes it moves, and the bytes of the tensors autograd keeps for the backward pass (activation
+  memory, the larger phase). CPU autocast's op lists (not CUDA's) decide the dtypes.
 
     python benchmarks/fs_vid2vid_profile.py                                  # small preset, 64x64
     python benchmarks/fs_vid2vid_profile.py --preset paper --size 32 --settings fp32,O1-bf16
@@ -275,16 +276,27 @@ def fake_counts(spec: str, options: dict, preset: str, size: int, batch: int, sh
                       "labels": torch.randn(n, t, label_nc, size, size), "frames": torch.randn(n, t, 3, size, size),
                       "flow": torch.randn(n, t - 1, 2, size, size), "flow_mask": torch.randn(n, t - 1, 1, size, size)}
         count = Count()
+        saved: dict[int, int] = {}  # tensors kept for the backward pass (activation memory), by identity
+        peak_saved = 0
+
+        def pack(tensor):
+            saved.setdefault(id(tensor), tensor.numel() * tensor.element_size())
+            return tensor
+
         with count:
             for loss_fn in (model.discriminator_loss, model.generator_loss):  # the trainer's phases
-                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                    loss, _ = loss_fn(nets, fake_batch)
+                saved.clear()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                        loss, _ = loss_fn(nets, fake_batch)
+                peak_saved = max(peak_saved, sum(saved.values()))
                 loss.float().backward()
     kernels = sum(c for op, c in count.ops.items() if op not in views)
     label = "fp32" if dtype is None else f"autocast {short_dtype(dtype)}"
     print(f"\n== {spec} {label}: {sum(count.ops.values())} aten ops/step ({kernels} not views), "
           f"{sum(count.casts.values())} casts moving {sum(count.bytes.values()) / 1e9:.2f} GB "
-          f"({', '.join(f'{k} {v}' for k, v in count.kinds.most_common()) or 'none'})")
+          f"({', '.join(f'{k} {v}' for k, v in count.kinds.most_common()) or 'none'}); "
+          f"{peak_saved / 1e9:.2f} GB saved for backward (largest phase)")
     for key, casts in sorted(count.casts.items(), key=lambda kv: -count.bytes[kv[0]])[:top]:
         print(f"   {casts:4d} {count.bytes[key] / 1e6:9.1f} MB  {key[1]:10s} {key[0]}")
 
