@@ -48,6 +48,16 @@ parts; the names below are the classes in this file):
 * **Discriminator**: multi-scale PatchGAN on (label, frame) pairs of every frame, hinge loss (the
   published config's), discriminator feature matching, optional VGG19 perceptual loss.
 
+* **Mixed precision** (``benchmarks/fs_vid2vid_profile.py`` measures it). Kept in fp32, on purpose:
+  the warp's sampling grid (in half, normalised coordinates near 1 are spaced 2**-10 (fp16) or
+  2**-7 (bf16) apart: 0.125 px or 1 px at 256 px) and the flow loss's sums (a half sum over every
+  pixel can overflow). Not in fp32: the softmaxes (attention map and channel softmax) return the
+  half dtype with fp32 accumulation inside the kernel (``softmax_in_place_dtype``): the attention
+  map, N*T x K*h*w x h*w elements, is the largest tensor of the step, and its fp32 copies moved
+  most of the bytes a step's casts moved (4.8 -> 2.0 GB at 256x256, 44 -> 3.8 GB at 512x512).
+  Images and label maps are cast once per loss (``_inputs``), not by each network that reads
+  them. The losses and forward passes read nothing back to the host (tested).
+
 Batch (see ``orchestrator.data.fewshot``): ``ref_images`` (N, K, 3, H, W), ``ref_labels``
 (N, K, C, H, W), ``labels`` (N, T, C, H, W), ``frames`` (N, T, 3, H, W), ``flow`` (N, T-1, 2, H, W),
 ``flow_mask`` (N, T-1, 1, H, W). ``samples`` returns every frame of every clip: (N*T, 3, H, W).
