@@ -48,6 +48,16 @@ parts; the names below are the classes in this file):
 * **Discriminator**: multi-scale PatchGAN on (label, frame) pairs of every frame, hinge loss (the
   published config's), discriminator feature matching, optional VGG19 perceptual loss.
 
+* **Mixed precision** (``benchmarks/fs_vid2vid_profile.py`` measures it). Kept in fp32, on purpose:
+  the warp's sampling grid (in half, normalised coordinates near 1 are spaced 2**-10 (fp16) or
+  2**-7 (bf16) apart: 0.125 px or 1 px at 256 px) and the flow loss's sums (a half sum over every
+  pixel can overflow). Not in fp32: the softmaxes (attention map and channel softmax) return the
+  half dtype with fp32 accumulation inside the kernel (``softmax_in_place_dtype``): the attention
+  map, N*T x K*h*w x h*w elements, is the largest tensor of the step, and its fp32 copies moved
+  most of the bytes a step's casts moved (4.8 -> 2.0 GB at 256x256, 44 -> 3.8 GB at 512x512).
+  Images and label maps are cast once per loss (``_inputs``), not by each network that reads
+  them. The losses and forward passes read nothing back to the host (tested).
+
 Batch (see ``orchestrator.data.fewshot``): ``ref_images`` (N, K, 3, H, W), ``ref_labels``
 (N, K, C, H, W), ``labels`` (N, T, C, H, W), ``frames`` (N, T, 3, H, W), ``flow`` (N, T-1, 2, H, W),
 ``flow_mask`` (N, T-1, 1, H, W). ``samples`` returns every frame of every clip: (N*T, 3, H, W).
@@ -99,6 +109,28 @@ def batch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     out = F.conv2d(x.reshape(1, n * cin, h, w), weight.reshape(n * cout, cin, k, k), bias.reshape(n * cout),
                    padding=k // 2, groups=n)
     return out.view(n, cout, h, w)
+
+
+def softmax_in_place_dtype(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax returned in ``x``'s own dtype, autocast or not.
+
+    PyTorch's softmax kernels (CPU and CUDA) accumulate half and bfloat16 inputs in fp32 and round
+    once, on output, so this equals ``softmax(x.float()).to(x.dtype)`` (bit for bit on the CPU,
+    ``tests/test_fs_vid2vid.py``) without materialising fp32 copies of the input and the output
+    (CUDA's autocast would also return fp32 here, for the next matmul to cast back). For the
+    attention map, (N*T, K*h*w, h*w) elements, that fp32 island moved more bytes under O1 than the
+    whole map does in fp32, and kept an fp32 copy of it for the backward pass."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.softmax(x, dim=dim)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers consuming ``x`` compute in: autocast's where it is on for ``x``'s
+    device, else ``x``'s own. Inputs cast to it once are not cast again by every conv that reads
+    them (the label maps feed six networks, and the flow net once per frame)."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def channel_ladder(ngf: int, n_downsample: int) -> list[int]:
@@ -156,7 +188,7 @@ class AttentionModule(nn.Module):
         key = key.view(n, 1, shots, c, h * w).expand(n, frames, shots, c, h * w)
         key = key.permute(0, 1, 2, 4, 3).reshape(n * frames, shots * h * w, c)
         energy = torch.bmm(key, query.view(n * frames, c, h * w))
-        return torch.softmax(energy.float(), dim=1).to(query.dtype)
+        return softmax_in_place_dtype(energy, dim=1)
 
     @staticmethod
     def combine(features: torch.Tensor, attention: torch.Tensor, shots: int) -> torch.Tensor:
@@ -243,7 +275,7 @@ class WeightGenerator(nn.Module):
         (the original) and scaled by C / (h*w) so its size depends on neither the resolution nor
         the width (a softmax over C channels averages 1/C)."""
         b, c, h, w = image_feat.shape
-        soft = torch.softmax(label_feat.float(), dim=1).to(image_feat.dtype)
+        soft = softmax_in_place_dtype(label_feat, dim=1).to(image_feat.dtype)
         prod = torch.bmm(image_feat.reshape(b, c, h * w), soft.reshape(b, c, h * w).transpose(1, 2))
         return prod * (c / (h * w))
 
@@ -454,9 +486,9 @@ class FewShotGenerator(nn.Module):
         for i in range(1, t):
             prev = frames[-1].detach()
             flow, mask = self.flow(labels[:, i], labels[:, i - 1], prev)
-            warped = warp(prev, flow).to(raw.dtype)
+            warped = warp(prev, flow)  # fp32 inside, returned in prev's (= raw's) dtype
             mask = mask.to(raw.dtype)
-            frames.append(raw[:, i] * mask + warped * (1 - mask))
+            frames.append(torch.lerp(warped, raw[:, i], mask))  # raw * mask + warped * (1 - mask), one kernel
             flows.append(flow)
             masks.append(mask)
         return torch.stack(frames, 1), torch.stack(flows, 1), torch.stack(masks, 1)
@@ -528,6 +560,17 @@ class FewShotVid2Vid(GANModel):
 
     # ------------------------------------------------------------------ losses
 
+    IMAGE_KEYS = ("ref_images", "ref_labels", "labels", "frames")
+
+    @classmethod
+    def _inputs(cls, batch: Batch) -> Batch:
+        """The batch with its images and label maps cast once to the dtype the networks compute in
+        (a no-op without autocast): under O1 the label maps would otherwise be cast by each of the
+        six networks reading them, by each discriminator call, and by the flow net once per frame
+        after an upcast of the previous frame to fp32. Flow and its mask stay as they are."""
+        return {key: value.to(compute_dtype(value)) if key in cls.IMAGE_KEYS else value
+                for key, value in batch.items()}
+
     @staticmethod
     def _generate(nets: Nets, batch: Batch):
         return nets.generator(batch["ref_images"], batch["ref_labels"], batch["labels"])
@@ -538,6 +581,7 @@ class FewShotVid2Vid(GANModel):
         return torch.cat([labels.flatten(0, 1), images.flatten(0, 1).to(labels.dtype)], dim=1)
 
     def discriminator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
+        batch = self._inputs(batch)
         with torch.no_grad():
             fake = self._generate(nets, batch)[0]
         pred_fake = nets.discriminator(self._pairs(batch["labels"], fake))
@@ -550,6 +594,7 @@ class FewShotVid2Vid(GANModel):
         if self.hparams is None:
             raise RuntimeError("call build() before generator_loss(): the loss weights come from the preset")
         hp = self.hparams
+        batch = self._inputs(batch)
         fake, flow, _ = self._generate(nets, batch)
         pred_fake = nets.discriminator(self._pairs(batch["labels"], fake))
         with torch.no_grad():  # real features are targets only
@@ -574,5 +619,5 @@ class FewShotVid2Vid(GANModel):
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every generated frame of every clip and its real frame: (N*T, 3, H, W) each."""
-        fake = self._generate(nets, batch)[0]
+        fake = self._generate(nets, self._inputs(batch))[0]
         return fake.flatten(0, 1), batch["frames"].flatten(0, 1)

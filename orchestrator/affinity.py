@@ -1,7 +1,7 @@
 """CPU affinity for a training process: the ``affinity`` speed flag.
 
-Pins the process to the cores nearest its GPU (read from NVML) or, on a CPU node, to its share of
-the cores, and sets torch's intra-op thread count to the number of cores it keeps. Rules:
+Pins the process to the cores nearest its GPU (read from sysfs, else NVML) or, on a CPU node, to
+its share of the cores, and sets torch's intra-op thread count to the number of cores it keeps. Rules:
 
 * **Never widen.** The result is always a subset of ``os.sched_getaffinity(0)`` as found: whatever
   restricted it (taskset, a cgroup cpuset, Ray, a launcher) keeps its restriction.
@@ -18,9 +18,21 @@ the cores, and sets torch's intra-op thread count to the number of cores it keep
 * **Cores in topology order**: per socket, first one hardware thread of every physical core, then
   their SMT siblings; so a slice of N cores gets N physical cores of one socket where possible.
 
-GPU nodes: ``nvmlDeviceGetCpuAffinity`` gives the cores of the GPU's NUMA node; the slice is taken
-inside that set (intersected with the allowed set). NVML is addressed by the device's PCI bus id
-(from torch), so ``CUDA_VISIBLE_DEVICES`` remapping cannot pick the wrong GPU.
+GPU nodes: the slice is taken inside the cores of the GPU's NUMA node (intersected with the
+allowed set, never widened). Those cores come from, in order:
+
+1. **sysfs** (primary, no dependency): ``/sys/bus/pci/devices/<bus id>/local_cpulist`` (a Linux
+   CPU list such as ``0-15,32-47``), the bus id (``0000:17:00.0``, lower-case hex) from torch's
+   device properties (``pci_domain_id``/``pci_bus_id``/``pci_device_id``), so
+   ``CUDA_VISIBLE_DEVICES`` remapping cannot pick the wrong GPU;
+2. **NVML** (fallback, only when sysfs has no answer and ``pynvml`` is installed; the project does
+   not depend on it): ``nvmlDeviceGetCpuAffinity`` for the same bus id;
+3. otherwise this worker's **share** of the allowed cores, as on a CPU node.
+
+``AffinityPlan.source`` says which one decided (``sysfs`` | ``nvml`` | ``share``, or ``unchanged``
+when the plan is what the process already had); its notes name the GPU-local cores found and why a
+path was not used (file missing, pynvml not installed, ...), so a trial's logged affinity
+(``describe()``, the trainer's ``speed_info["affinity"]``) tells which path it took.
 
 Nothing here imports Ray. ``plan_affinity`` only computes; ``pinned(plan)`` applies for the
 duration of a ``with`` block and restores the previous CPU set and thread count (the trainer uses
@@ -41,6 +53,7 @@ from typing import Iterator, Sequence
 import torch
 
 CLAIMS_ENV = "AMP_STUDY_CPU_CLAIMS"
+PCI_SYSFS = "/sys/bus/pci/devices"
 
 
 @dataclass
@@ -51,7 +64,7 @@ class AffinityPlan:
     threads: int  # torch intra-op threads to use
     cpus_before: list[int]
     threads_before: int
-    source: str  # "nvml" | "share" | "unchanged"
+    source: str  # "sysfs" | "nvml" (GPU-local cores) | "share" | "unchanged"
     reason: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -141,33 +154,98 @@ def choose_share(ordered: Sequence[int], threads: int, local_rank: int, local_wo
     return share, note
 
 
-def _gpu_cpus(device: torch.device) -> tuple[set[int] | None, str]:
-    """Cores NVML reports as nearest ``device`` (None and why when NVML cannot say)."""
+def parse_cpulist(text: str) -> set[int]:
+    """CPU ids of a Linux CPU list as sysfs writes it: ``"0-15,32-47"``, ``"3"``, ``""`` (none).
+    Raises ValueError on anything else."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        first, last = int(low), int(high) if dash else int(low)
+        if first < 0 or last < first:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+def gpu_bus_id(index: int) -> str | None:
+    """PCI address of CUDA device ``index`` as sysfs names it (``0000:17:00.0``, lower-case hex;
+    GPUs are function 0), from torch's device properties; None when torch does not report it."""
+    props = torch.cuda.get_device_properties(index)
+    if not hasattr(props, "pci_bus_id"):
+        return None
+    return f"{getattr(props, 'pci_domain_id', 0):04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+
+
+def _sysfs_gpu_cpus(bus_id: str, pci_sysfs: str | os.PathLike) -> tuple[set[int] | None, str]:
+    """The GPU's NUMA-local cores from ``<pci_sysfs>/<bus_id>/local_cpulist`` (None and why when
+    the file is missing, unreadable or empty)."""
+    path = Path(pci_sysfs) / bus_id / "local_cpulist"
+    try:
+        text = path.read_text()
+    except OSError as error:
+        return None, f"sysfs: no {path} ({error.strerror or type(error).__name__})"
+    try:
+        cpus = parse_cpulist(text)
+    except ValueError:
+        return None, f"sysfs: cannot parse {path} ({text.strip()[:40]!r})"
+    if not cpus:
+        return None, f"sysfs: {path} lists no cores"
+    return cpus, f"GPU {bus_id} local cpus {_ranges(sorted(cpus))} from sysfs"
+
+
+def _nvml_gpu_cpus(bus_id: str | None, index: int) -> tuple[set[int] | None, str]:
+    """The cores NVML reports as nearest the GPU (None and why when NVML cannot say). Optional:
+    ``pynvml`` is not a dependency of the project."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        return None, "pynvml not installed: GPU affinity unknown, using this worker's share of the node"
+        return None, "NVML: pynvml not installed"
     try:
         pynvml.nvmlInit()
         try:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            props = torch.cuda.get_device_properties(index)
-            handle = None
-            if hasattr(props, "pci_bus_id"):
-                bus_id = f"{getattr(props, 'pci_domain_id', 0):08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            if bus_id is not None:
                 handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-            if handle is None:  # old torch: map the visible index through CUDA_VISIBLE_DEVICES
+            else:  # old torch: map the visible index through CUDA_VISIBLE_DEVICES
                 visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
                 entry = visible[index] if index < len(visible) else str(index)
                 handle = (pynvml.nvmlDeviceGetHandleByUUID(entry) if entry.startswith(("GPU-", "MIG-"))
                           else pynvml.nvmlDeviceGetHandleByIndex(int(entry)))
             words = ((os.cpu_count() or 1) + 63) // 64  # unsigned longs covering every CPU id
-            mask = pynvml.nvmlDeviceGetCpuAffinity(handle, words)
-            return mask_to_cpus(list(mask)), ""
+            cpus = mask_to_cpus(list(pynvml.nvmlDeviceGetCpuAffinity(handle, words)))
         finally:
             pynvml.nvmlShutdown()
     except Exception as error:  # noqa: BLE001 - NVML errors must not stop training
-        return None, f"NVML failed ({type(error).__name__}: {error}): using this worker's share of the node"
+        return None, f"NVML failed ({type(error).__name__}: {error})"
+    if not cpus:
+        return None, "NVML: empty CPU affinity mask"
+    return cpus, f"GPU {bus_id or index} local cpus {_ranges(sorted(cpus))} from NVML"
+
+
+def _gpu_cpus(device: torch.device, pci_sysfs: str | os.PathLike) -> tuple[set[int] | None, str, list[str]]:
+    """(cores nearest ``device`` or None, the path that answered: "sysfs" | "nvml" | "share", notes
+    saying what each path found). sysfs first; NVML only when sysfs has no answer."""
+    notes: list[str] = []
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        bus_id = gpu_bus_id(index)
+    except Exception as error:  # noqa: BLE001 - no bus id is a reason to fall back, not to fail
+        return None, "share", [f"GPU unknown to torch ({type(error).__name__}: {error}): using this worker's share"]
+    if bus_id is None:
+        notes.append("sysfs: torch reports no PCI bus id for this GPU")
+    else:
+        cpus, note = _sysfs_gpu_cpus(bus_id, pci_sysfs)
+        notes.append(note)
+        if cpus:
+            return cpus, "sysfs", notes
+    cpus, note = _nvml_gpu_cpus(bus_id, index)
+    notes.append(note)
+    if cpus:
+        return cpus, "nvml", notes
+    notes.append("GPU-local cores unknown: using this worker's share of the node")
+    return None, "share", notes
 
 
 def _env_int(name: str) -> int | None:
@@ -251,12 +329,14 @@ def _set_claim(cpus: list[int] | None) -> None:
 
 def plan_affinity(device: torch.device | str | None = None, *, cpus: int | None = None,
                   local_rank: int | None = None, local_world_size: int | None = None,
-                  sysfs: str | os.PathLike = "/sys/devices/system/cpu") -> AffinityPlan:
+                  sysfs: str | os.PathLike = "/sys/devices/system/cpu",
+                  pci_sysfs: str | os.PathLike = PCI_SYSFS) -> AffinityPlan:
     """Which cores and how many threads this process should use (nothing is applied).
 
     ``cpus``: how many CPUs this worker holds (default: ``OMP_NUM_THREADS``, which Ray sets to the
     worker's CPU count, else the allowed cores divided among ``LOCAL_WORLD_SIZE`` workers).
-    ``local_rank`` / ``local_world_size`` default to ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``."""
+    ``local_rank`` / ``local_world_size`` default to ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``.
+    ``sysfs`` is the CPU topology root, ``pci_sysfs`` the PCI devices root (tests pass fake trees)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     before = sorted(os.sched_getaffinity(0))
     threads_before = torch.get_num_threads()
@@ -274,13 +354,12 @@ def plan_affinity(device: torch.device | str | None = None, *, cpus: int | None 
 
     candidates, source = before, "share"
     if device.type == "cuda":
-        near, problem = _gpu_cpus(device)
-        if near is None:
-            notes.append(problem)
-        elif not set(near) & set(before):
-            notes.append(f"GPU-near cores {_ranges(sorted(near))} are all outside the allowed set: ignored")
-        else:
-            candidates, source = sorted(set(near) & set(before)), "nvml"
+        near, near_source, gpu_notes = _gpu_cpus(device, pci_sysfs)
+        notes += gpu_notes
+        if near is not None and not near & set(before):
+            notes.append(f"GPU-local cores {_ranges(sorted(near))} are all outside the allowed set: ignored")
+        elif near is not None:  # never widen: only the GPU-local cores this process may use
+            candidates, source = sorted(near & set(before)), near_source
     ordered = topology_order(candidates, sysfs)
     chosen, note = choose_share(ordered, wanted, rank, world, _others_claims())
     notes.append(note)

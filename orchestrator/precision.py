@@ -532,20 +532,22 @@ class PrecisionPolicy:
                 scaler.step(optimizer)  # skipped when a gradient overflowed (on the device if fused)
                 scaler.update()
                 skipped = found_inf
-            else:
+            elif _skips_on_device(optimizer):
                 found_inf = _nonfinite_flag(p.grad for g in optimizer.param_groups for p in g["params"])
                 if found_inf is None:
                     found_inf = torch.zeros((), device=loss.device)
-                if _skips_on_device(optimizer):
-                    optimizer.grad_scale, optimizer.found_inf = None, found_inf
-                    try:
-                        optimizer.step()
-                    finally:
-                        del optimizer.grad_scale, optimizer.found_inf
-                    skipped = found_inf
-                else:
-                    optimizer.step()  # applied: non-finite weights are caught by the next check
-                    skipped = torch.zeros((), device=loss.device)
+                optimizer.grad_scale, optimizer.found_inf = None, found_inf
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.grad_scale, optimizer.found_inf
+                skipped = found_inf
+            else:
+                # nothing could skip the update on the device: apply it, and let the weight check
+                # catch what non-finite gradients leave behind (scanning every gradient each step
+                # would cost a pass over them for nothing to act on)
+                optimizer.step()
+                found_inf = skipped = torch.zeros((), device=loss.device)
             optimizer.zero_grad(set_to_none=True)
 
         # bookkeeping, all on the device. With a scaler, a finite loss whose gradients overflowed is

@@ -1,5 +1,6 @@
-"""CPU affinity: the share policy (pure), NVML mask decoding, topology order, and the real thing in
-subprocesses: the CPU set changes, never widens, is restored by ``pinned`` and by the trainer."""
+"""CPU affinity: the share policy (pure), NVML mask decoding, topology order, GPU-local cores from a
+fake sysfs PCI tree (a faked device's bus id), and the real thing in subprocesses: the CPU set
+changes, never widens, is restored by ``pinned`` and by the trainer."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+import types
 
-from orchestrator.affinity import choose_share, mask_to_cpus, topology_order
+import pytest
+import torch
+
+from orchestrator import affinity
+from orchestrator.affinity import choose_share, gpu_bus_id, mask_to_cpus, parse_cpulist, plan_affinity, topology_order
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = sorted(os.sched_getaffinity(0))
@@ -67,6 +72,98 @@ def test_topology_order_spreads_over_physical_cores_of_one_socket(tmp_path):
     order = topology_order(range(8), tmp_path)
     assert order == [0, 1, 4, 5, 2, 3, 6, 7]  # socket 0: one thread per core, then siblings
     assert topology_order([3, 1], tmp_path / "missing") == [1, 3]
+
+
+# ----------------------------------------------------------------------------- GPU-local cores (sysfs, NVML)
+
+BUS = "0000:17:00.0"  # the sysfs name of the faked GPU below
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA device 0 reports PCI 0000:17:00.0; NVML must not be asked unless a test allows it;
+    no claims file and no Ray/torchrun environment."""
+    props = types.SimpleNamespace(name="fake", pci_domain_id=0, pci_bus_id=0x17, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+
+    def no_nvml(bus_id, index):
+        raise AssertionError("NVML asked although sysfs had the answer")
+
+    monkeypatch.setattr(affinity, "_nvml_gpu_cpus", no_nvml)
+    monkeypatch.setenv("AMP_STUDY_CPU_CLAIMS", "off")
+    for key in ("OMP_NUM_THREADS", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    return props
+
+
+def gpu_plan(tmp_path: Path, cpulist: str | None, **kwargs):
+    """plan_affinity for the faked GPU, with ``cpulist`` as its sysfs local_cpulist (None: no file)."""
+    pci = tmp_path / "pci"
+    (pci / BUS).mkdir(parents=True, exist_ok=True)
+    if cpulist is not None:
+        (pci / BUS / "local_cpulist").write_text(cpulist)
+    return plan_affinity("cuda:0", pci_sysfs=pci, sysfs=tmp_path / "no-topology", **kwargs)
+
+
+def test_cpulist_parsing():
+    assert parse_cpulist("0-15,32-47\n") == set(range(16)) | set(range(32, 48))
+    assert parse_cpulist("3") == {3} and parse_cpulist("0,2-3") == {0, 2, 3}
+    assert parse_cpulist("\n") == set()
+    for bad in ("a-b", "5-2", "0-15:2/4", "-1"):
+        with pytest.raises(ValueError):
+            parse_cpulist(bad)
+
+
+def test_bus_id_is_the_sysfs_name(fake_gpu):
+    assert gpu_bus_id(0) == BUS
+    fake_gpu.pci_bus_id, fake_gpu.pci_device_id, fake_gpu.pci_domain_id = 0xAB, 0x1F, 1
+    assert gpu_bus_id(0) == "0001:ab:1f.0"  # lower-case hex, 4-digit domain, function 0
+
+
+@needs_two_cpus
+def test_gpu_local_cores_come_from_sysfs_intersected_never_widened(tmp_path, fake_gpu):
+    # the GPU's NUMA node: every allowed core but the first, plus cores this process may not use
+    local = ALLOWED[1:]
+    plan = gpu_plan(tmp_path, f"{affinity._ranges(local)},{max(ALLOWED) + 100}-{max(ALLOWED) + 115}\n",
+                    cpus=len(ALLOWED) + 8)
+    assert plan.source == "sysfs", plan.describe()
+    assert plan.cpus == local and plan.threads == len(local)  # capped at the GPU-local allowed cores
+    assert set(plan.cpus) <= set(plan.cpus_before) == set(ALLOWED)
+    assert plan.describe().startswith("sysfs: cpus")
+    assert any(f"GPU {BUS} local cpus" in note and "from sysfs" in note for note in plan.notes)
+
+
+def test_gpu_local_cores_outside_the_allowed_set_are_ignored(tmp_path, fake_gpu):
+    plan = gpu_plan(tmp_path, f"{max(ALLOWED) + 100}-{max(ALLOWED) + 103}", cpus=1)
+    assert plan.source in ("share", "unchanged") and set(plan.cpus) <= set(ALLOWED)
+    assert any("outside the allowed set" in note for note in plan.notes), plan.notes
+
+
+def test_missing_sysfs_file_falls_back_and_says_why(tmp_path, fake_gpu, monkeypatch):
+    monkeypatch.setattr(affinity, "_nvml_gpu_cpus", lambda bus_id, index: (None, "NVML: pynvml not installed"))
+    plan = gpu_plan(tmp_path, None, cpus=1)
+    assert plan.source in ("share", "unchanged") and len(plan.cpus) == 1
+    text = plan.describe()
+    assert f"sysfs: no {tmp_path / 'pci' / BUS / 'local_cpulist'}" in text, text
+    assert "pynvml not installed" in text and "share" in text
+    # an unparsable or empty file is no answer either
+    assert "cannot parse" in gpu_plan(tmp_path, "0-3:x", cpus=1).describe()
+    assert "lists no cores" in gpu_plan(tmp_path, "\n", cpus=1).describe()
+
+
+@needs_two_cpus
+def test_nvml_answers_only_when_sysfs_cannot(tmp_path, fake_gpu, monkeypatch):
+    asked = []
+
+    def nvml(bus_id, index):
+        asked.append((bus_id, index))
+        return {ALLOWED[-1], max(ALLOWED) + 64}, "GPU local cpus from NVML"
+
+    monkeypatch.setattr(affinity, "_nvml_gpu_cpus", nvml)
+    plan = gpu_plan(tmp_path, None, cpus=len(ALLOWED))
+    assert asked == [(BUS, 0)]
+    assert plan.source == "nvml" and plan.cpus == [ALLOWED[-1]], plan.describe()
+    assert "sysfs: no" in plan.describe()
 
 
 # ----------------------------------------------------------------------------- the real thing

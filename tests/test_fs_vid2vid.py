@@ -1,16 +1,22 @@
 """Few-shot vid2vid: the trainer contract, shapes and gradients, checkpointing, the few-shot data,
-the temporal warp, and the fp16 hazard of the weight generator's label-encoder instance norm."""
+the temporal warp, the fp16 hazard of the weight generator's label-encoder instance norm, and what
+its mixed-precision step must not do (host reads, fp32 copies of the attention map, label maps
+cast again by every network)."""
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import default_collate
 
+import models
 from models.base import Nets, load_model
-from models.fs_vid2vid import FewShotVid2Vid, batch_conv, warp
+from models.fs_vid2vid import FewShotVid2Vid, batch_conv, softmax_in_place_dtype, warp
 from orchestrator.config import DataConfig, load_config
 from orchestrator.data.fewshot import FewShotDataset
 from orchestrator.precision import PrecisionPolicy
@@ -193,6 +199,106 @@ def test_generator_rejects_bad_sizes(batch):
 def test_generator_loss_needs_build(batch):
     with pytest.raises(RuntimeError, match="build"):
         FewShotVid2Vid().generator_loss(Nets(generator=nn.Identity()), batch)
+
+
+# ---------------------------------------------------------------------------- the mixed-precision step
+
+
+HOST_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+MODELS_DIR = str(Path(models.__file__).resolve().parent)
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> list[str]:
+    """Host reads of tensors (``float(t)``, ``t.item()``, ``if t:``, ...) made by code in models/:
+    each one waits for every queued kernel on a GPU. Records ``file:line method``."""
+    seen: list[str] = []
+    for method in HOST_READS:
+        original = getattr(torch.Tensor, method)
+
+        def spy(self, *args, _original=original, _method=method, **kwargs):
+            caller = sys._getframe(1)
+            if str(Path(caller.f_code.co_filename).resolve()).startswith(MODELS_DIR):
+                seen.append(f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {_method}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, spy)
+    return seen
+
+
+def test_host_read_spy_sees_reads_from_models(host_reads):
+    """The spy itself: a read from a models/ frame is caught, one from here is not."""
+    namespace: dict = {}
+    exec(compile("def read(t):\n    return float(t) + bool(t) + t.item()\n",  # noqa: S102
+                 str(Path(MODELS_DIR) / "fake_model.py"), "exec"), namespace)
+    t = torch.tensor(1.0)
+    float(t)
+    namespace["read"](t)
+    assert [r.split()[-1] for r in host_reads] == ["__float__", "__bool__", "item"]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "O1-bf16"])
+def test_losses_make_no_host_reads(batch, host_reads, autocast):
+    """D and G losses with backward, fp32 and under autocast: no host read from models/ code, so
+    no per-frame (or per-step) wait for the device can creep back into the step."""
+    model, nets = build()
+    for loss_fn in (model.discriminator_loss, model.generator_loss):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, logs = loss_fn(nets, batch)
+        loss.float().backward()
+        assert all(torch.is_tensor(v) for v in logs.values())  # detached tensors, never float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model.samples(nets, batch)
+    assert host_reads == []
+
+
+class CastLog(TorchDispatchMode):
+    """Every dtype cast of an activation (not of a weight): (source shape, source dtype, dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts: list[tuple[tuple[int, ...], torch.dtype, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.ops.aten._to_copy.default and out.dtype != args[0].dtype and out.dim() > 0
+                and not isinstance(args[0], nn.Parameter)):
+            self.casts.append((tuple(args[0].shape), args[0].dtype, out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_softmax_stays_half_and_equals_the_fp32_island(dtype):
+    """The softmax of the attention map: in the input's dtype under autocast (CUDA's autocast would
+    return fp32), and bit for bit the old ``softmax(x.float()).to(dtype)`` (fp32 accumulation inside)."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 600, 64) * 4).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y = softmax_in_place_dtype(x, dim=1)
+    assert y.dtype == dtype
+    assert torch.equal(y, torch.softmax(x.float(), dim=1).to(dtype))
+    assert softmax_in_place_dtype(x.float(), dim=1).dtype == torch.float32
+
+
+def test_o1_step_casts_neither_the_attention_map_nor_label_maps_again(batch):
+    """Under autocast, the G loss with backward never casts the attention map (it stays half: no
+    fp32 copy, no fp32 softmax output, no casts of their gradients), and the label maps are cast
+    once, on entry: not again by each network, each discriminator call and the flow net's
+    per-frame input."""
+    model, nets = build()
+    n, t, c, h, w = batch["labels"].shape
+    k = batch["ref_labels"].shape[1]
+    small = (h >> nets.generator.weight_generator.n_atn) * (w >> nets.generator.weight_generator.n_atn)
+    with CastLog() as log:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model.generator_loss(nets, batch)
+        loss.float().backward()
+    shapes = [shape for shape, _, _ in log.casts]
+    assert (n * t, k * small, small) not in shapes, log.casts
+    label_channels = {c, c + 3, 2 * c + 3}  # label maps, D (label, image) pairs, the flow net's input
+    label_casts = [shape for shape, src, _ in log.casts
+                   if src == torch.float32 and shape[-3] in label_channels]
+    assert sorted(label_casts) == sorted([(n, k, c, h, w), (n, t, c, h, w)]), log.casts
 
 
 # ---------------------------------------------------------------------------- data
