@@ -59,11 +59,15 @@ class CostEstimate:
         return self.profile_seconds + self.reference_seconds + self.trial_seconds + self.overhead_seconds
 
 
-def time_reference_step(config: StudyConfig, steps: int = 3) -> float:
-    """Seconds per fp32 training step at the reference batch on this machine (after one warm-up)."""
+def time_reference_step(config: StudyConfig, steps: int = 2) -> float:
+    """Seconds per fp32 training step at the reference batch on this machine (after one warm-up),
+    with as many threads as a worker gets (``resources.cpus_per_worker``), as the study runs it."""
+    import torch
+
     from models.base import load_model
     from orchestrator.trainer import Trainer
 
+    torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
     data = config.data.model_copy(update={"train_samples": max(config.data.train_samples,
                                                                config.reference.batch_size * (steps + 1))})
     trainer = Trainer(load_model(config.model.name, **config.model.options), config.reference,
