@@ -214,22 +214,32 @@ class WorldScene:
             s_ground = np.where(dirs[:, 1] < 0, -origin[1] / dirs[:, 1], np.inf)
             hit = np.isfinite(s_ground) & (s_ground > 0)
             best[hit], prim[hit], face[hit] = s_ground[hit], GROUND, (1, 1)
-            inv = 1.0 / dirs  # (P, 3), inf for axis-parallel rays
-            t1 = (self._lo[None] - origin) * inv[:, None]  # (P, B, 3)
-            t2 = (self._hi[None] - origin) * inv[:, None]
-            t_min, t_max = np.minimum(t1, t2), np.maximum(t1, t2)
-            t_min = np.where(np.isnan(t_min), -np.inf, t_min)  # 0 * inf: the ray lies in a slab plane
-            t_max = np.where(np.isnan(t_max), np.inf, t_max)
-        entry, exit_ = t_min.max(-1), t_max.min(-1)  # (P, B)
+            # slab test, one axis at a time; fmin/fmax skip the NaN of 0 * inf (a ray inside a
+            # slab's plane), which then constrains nothing along that axis
+            boxes = np.arange(len(self.boxes))
+            if (dirs[:, 2] > 0).all():  # rays that all go forward cannot hit boxes behind the camera
+                boxes = boxes[self._hi[:, 2] > origin[2]]
+            entry = np.full((n, len(boxes)), -np.inf)
+            exit_ = np.full((n, len(boxes)), np.inf)
+            axis = np.zeros((n, len(boxes)), np.int64)
+            for a in range(3):
+                inv = 1.0 / dirs[:, a, None]
+                t1 = (self._lo[boxes, a] - origin[a]) * inv
+                t2 = (self._hi[boxes, a] - origin[a]) * inv
+                near = np.fmin(t1, t2)
+                axis = np.where(near > entry, a, axis)  # the slab entered last is the face hit
+                entry = np.fmax(entry, near)
+                exit_ = np.fmin(exit_, np.fmax(t1, t2))
         entry = np.where((entry <= exit_) & (entry > 0), entry, np.inf)
         rows = np.arange(n)
-        box = entry.argmin(-1)
-        s_box = entry[rows, box]
-        closer = s_box < best
-        best[closer], prim[closer] = s_box[closer], box[closer]
-        axis = t_min[rows, box].argmax(-1)  # the slab entered last is the face hit
-        sign = np.where(dirs[rows, axis] > 0, -1, 1)  # the normal faces the ray
-        face[closer] = np.stack([axis, sign], -1)[closer]
+        if len(boxes):
+            pick = entry.argmin(-1)
+            s_box = entry[rows, pick]
+            closer = s_box < best
+            best[closer], prim[closer] = s_box[closer], boxes[pick][closer]
+            hit_axis = axis[rows, pick]
+            sign = np.where(dirs[rows, hit_axis] > 0, -1, 1)  # the normal faces the ray
+            face[closer] = np.stack([hit_axis, sign], -1)[closer]
         return best, prim, face
 
     def shade(self, points: np.ndarray, prim: np.ndarray, face: np.ndarray,
