@@ -27,7 +27,7 @@ Parts (the names below are in this file):
   the guidance through a hidden conv of ``spade_hidden`` channels. Flow and occlusion mask come from
   ``fs_vid2vid.FlowGenerator`` on (label, previous label, previous generated frame); the previous
   frame is warped with ``vid2vid.warp`` (kept in fp32). Decoder convs are spectral-normalised
-  (``spade.SNConv2d``, power iteration once per generator call).
+  (``spade.SNConv2d``, power iteration once per clip, at its first frame).
 * **Discriminators**: vid2vid's image (multi-scale PatchGAN on label + frame) and temporal
   (``n_frames_D`` frames stacked with the flows between them, one per frame-rate scale) networks
   (``vid2vid.Vid2VidDiscriminator``), fed the geometric flow; hinge loss (the published config's).
@@ -348,7 +348,10 @@ class WorldConsistentGenerator(nn.Module):
 
     def forward(self, label: torch.Tensor, prev_label: torch.Tensor | None = None,
                 prev_frame: torch.Tensor | None = None, guidance: torch.Tensor | None = None):
-        begin_pass(self)
+        if prev_frame is None:
+            # a clip's first frame starts a network pass: one power iteration for the whole clip, so
+            # a checkpointed block recomputed in backward sees the u, v its forward used
+            begin_pass(self)
         _, _, height, width = label.shape
         if height % self.factor or width % self.factor:
             raise ValueError(f"frames of {height}x{width} are not divisible by {self.factor} "
