@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the study in --output")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set budget.max_trials=2 (YAML value; repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray, Tune and MLflow output on the terminal too (it always goes to <output>/study.log)")
     return parser.parse_args(argv)
 
 
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from orchestrator import capacity, search
+    from orchestrator import capacity, interrupts, search
+    from orchestrator.console import Console
     from orchestrator.study import Study
     from orchestrator.tracking import browse_hint, resolve_tracking_uri
 
@@ -85,36 +88,62 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {output / 'results.parquet'} already exists: pass --resume to continue that study, "
               "or choose another --output", file=sys.stderr)
         return 2
-    print(f"study {config.experiment!r}: model {config.model.name} ({config.model.preset}), output {output}")
-    where = search.connect(args.address)
+    console = Console(output / "study.log", verbose=args.verbose).start()
+    console.say(f"study {config.experiment!r}: model {config.model.name} ({config.model.preset}), output {output}")
+    if not args.verbose:
+        console.say(f"Ray, Tune and MLflow output goes to {console.log_path} (--verbose shows it here)")
     try:
-        # before anything is written; on a head `ray up` launched, the autoscaler's node types count too
-        capacity.check_resources(config.resources,
-                                 os.environ.get("AMP_AUTOSCALER_CONFIG", capacity.DEFAULT_AUTOSCALER_CONFIG))
-        print(f"Ray: {where}")
-        result = Study(config, output, tracking_uri, resume=args.resume).run()
-    except capacity.ResourceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: everything finished so far is in {output / 'results.parquet'}; continue with\n"
-              f"  {resume_command(sys.argv[1:] if argv is None else argv, output)}", file=sys.stderr)
-        return 130
+        with interrupts.catch_interrupts():
+            try:
+                where = search.connect(args.address)
+                # before anything is written; on a head `ray up` launched, the autoscaler's node types count too
+                capacity.check_resources(config.resources,
+                                         os.environ.get("AMP_AUTOSCALER_CONFIG", capacity.DEFAULT_AUTOSCALER_CONFIG))
+                console.say(f"Ray: {where}" + (f" (session {search.session_dir()})" if search.session_dir() else ""))
+                result = Study(config, output, tracking_uri, resume=args.resume, log=console.say).run()
+            except capacity.ResourceError as error:
+                console.error(f"error: {error}")
+                return 2
+            except KeyboardInterrupt:
+                console.error(f"\ninterrupted: everything finished so far is in {output / 'results.parquet'}; "
+                              f"continue with\n  {resume_command(sys.argv[1:] if argv is None else argv, output)}")
+                return 130
+            except Exception as error:  # noqa: BLE001 - say it in one line; the traceback is in the log
+                import traceback
+
+                console.log_only(traceback.format_exc())
+                console.error(f"error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                              f"\n  (the full traceback is in {console.log_path}; results so far are in "
+                              f"{output / 'results.parquet'}: --resume continues)")
+                return 1
+            finally:
+                _shutdown_ray()
+
+        console.say()
+        console.say(result["table"])
+        console.say()
+        rec = result["recommended"]
+        console.say(f"recommended for {result['model']}: {rec['label']} — {rec['verdict']}")
+        console.say(f"  speedup {rec['speedup']:.2f}x [{rec['speedup_interval'][0]:.2f}, {rec['speedup_interval'][1]:.2f}]")
+        for name, p in result["paths"].items():
+            console.say(f"  {name}: {p}")
+        console.say(f"\nBrowse the runs:\n  {browse_hint(tracking_uri)}")
+        return 0
     finally:
-        import ray
+        console.stop()
 
+
+def _shutdown_ray() -> None:
+    """Stop this study's Ray (a local one ends with it); a second Ctrl-C must not cut it short."""
+    import signal
+
+    import ray
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
         ray.shutdown()
-
-    print()
-    print(result["table"])
-    print()
-    print(f"recommended for {result['model']}: {result['recommended']['label']} — {result['recommended']['verdict']}")
-    print(f"  speedup {result['recommended']['speedup']:.2f}x "
-          f"[{result['recommended']['speedup_interval'][0]:.2f}, {result['recommended']['speedup_interval'][1]:.2f}]")
-    for name, p in result["paths"].items():
-        print(f"  {name}: {p}")
-    print(f"\nBrowse the runs:\n  {browse_hint(tracking_uri)}")
-    return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

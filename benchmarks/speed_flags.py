@@ -4,8 +4,8 @@
 For every preset, one fp32 baseline trainer (O0, fixed batch, no flags) is timed against one
 trainer per setting in interleaved blocks (B S, S B, ...), in this one process, after warm-up; each
 block counts by its median step (robust to bursts from other jobs on a shared machine) and the
-speedup is the median of the paired per-sample ratios with a bootstrap interval
-(``orchestrator.measure.bootstrap_median``). The first steps of each setting are timed apart: their excess over a steady
+speedup is the median of the paired per-sample ratios with an order-statistic interval
+(``orchestrator.measure.median_interval``). The first steps of each setting are timed apart: their excess over a steady
 step is the warm-up cost (torch.compile's compilation, TorchScript's profiling runs), never part of
 the step time. Peak memory: each setting in a fresh process (``orchestrator.memory``: peak RSS over
 build + steps on CPU, the allocator's peak on CUDA). ``batch=auto`` rows run the batch finder
@@ -32,7 +32,7 @@ from models.base import load_model
 from models import fusion
 from orchestrator.batch_finder import ProbeResult, find_max_batch, trainer_probe
 from orchestrator.config import DataConfig
-from orchestrator.measure import bootstrap_median
+from orchestrator.measure import median_interval
 from orchestrator.memory import peak_memory_mib
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.trainer import Trainer
@@ -199,7 +199,7 @@ def run_preset(args, preset: str, rows: list[str]) -> list[Row]:
             emit(row)
             continue
         row.base_ms, row.ms = timing["base_ms"], timing["ms"]
-        speed = bootstrap_median(timing["ratios"])
+        speed = median_interval(timing["ratios"])
         row.speedup, row.low, row.high = speed.speedup, speed.low, speed.high
         row.warmup_s = sum(first) - len(first) * row.ms / 1000
         info = candidate.speed_info

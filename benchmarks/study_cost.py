@@ -86,8 +86,8 @@ def run_grid(config: StudyConfig, candidates: list[Setting], output: Path) -> tu
 
 
 def recommended(frame: pd.DataFrame, config: StudyConfig, model_name: str) -> str:
-    rec = recommend(frame, model=model_name, preset=config.model.preset, metric=config.quality.metric,
-                    band_multiplier=config.quality.band_multiplier, reference=config.reference)
+    rec = recommend(frame, model=model_name, preset=config.model.preset, quality=config.quality,
+                    reference=config.reference, torch_default=config.torch_default)
     return rec["recommended"]["label"]
 
 

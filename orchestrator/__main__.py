@@ -50,8 +50,8 @@ def build_report(config_raw: dict, frame: pd.DataFrame, target: Path, tracking_u
 
     config = parse_config(config_raw, "study configuration")
     model = load_model(config.model.name, **config.model.options)
-    rec = recommend(frame, model=model.name, preset=config.model.preset, metric=config.quality.metric,
-                    band_multiplier=config.quality.band_multiplier, reference=config.reference)
+    rec = recommend(frame, model=model.name, preset=config.model.preset, quality=config.quality,
+                    reference=config.reference, torch_default=config.torch_default)
     rec["study"] = {"experiment": config.experiment, "resolution": f"{config.data.height}x{config.data.width}",
                     "reference_batch_size": config.reference.batch_size, "tracking_uri": tracking_uri}
     write_recommendation(rec, target)

@@ -13,7 +13,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
-from orchestrator.settings import Checkpointing, Fusion, HalfDtype, OptLevel, Setting, SpeedFlags
+from orchestrator.settings import TF32, Checkpointing, Fusion, HalfDtype, OptLevel, Setting, SpeedFlags, tf32_value
 
 
 class DataConfig(BaseModel):
@@ -60,7 +60,21 @@ class SearchConfig(BaseModel):
     fusion: list[Fusion] = Field(default_factory=lambda: ["none"], min_length=1)
     affinity: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     channels_last: list[bool] = Field(default_factory=lambda: [False], min_length=1)
-    tf32: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    # on a CUDA device with TF32 (compute capability >= 8.0) a study searches [off, on] unless this
+    # is given; elsewhere TF32 does nothing and [off] stays
+    tf32: list[TF32] = Field(default_factory=lambda: ["off"], min_length=1)
+
+    @field_validator("tf32", mode="before")
+    @classmethod
+    def _tf32_from_bool(cls, value: object) -> object:
+        return [tf32_value(v) for v in value] if isinstance(value, list) else value
+
+    def for_device(self, tf32_capable: bool) -> "SearchConfig":
+        """The space on the training device: with TF32 there (CUDA, compute capability >= 8.0) and
+        ``tf32`` not given in the YAML, both strict fp32 matmuls/convs and TF32 are searched."""
+        if tf32_capable and "tf32" not in self.model_fields_set:
+            return self.model_copy(update={"tf32": ["off", "on"]})
+        return self
 
     @property
     def auto_batch(self) -> bool:
@@ -96,11 +110,19 @@ class BudgetConfig(BaseModel):
 
     profile_warmup: int = Field(default=2, ge=0)  # untimed steps before each setting's first block
     profile_steps: int = Field(default=5, gt=0)  # timed steps per block
-    profile_rounds: int = Field(default=3, gt=0)  # interleaved reference/setting block pairs
+    # interleaved reference/setting block pairs: at least profile_rounds (6 is the fewest whose
+    # order-statistic interval reaches 95 % coverage), more up to profile_max_rounds while the
+    # interval still straddles 1 (or PyTorch's default speedup)
+    profile_rounds: int = Field(default=6, gt=0)
+    profile_max_rounds: int = Field(default=10, gt=0)
     max_profiled: int = Field(default=64, gt=0)  # sample this many settings when the grid is larger
     train_samples: int = Field(default=128, gt=0)  # quality budget: training samples per trial
     checkpoint_every: int = Field(default=20, gt=0)  # steps between checkpoints in quality trials
-    reference_seeds: int = Field(default=3, ge=2)  # fp32 replicates that define the noise band
+    reference_seeds: int = Field(default=3, ge=2)  # fp32 replicates: the seed-to-seed spread
+    # each trained setting repeats the first candidate_seeds reference seeds (same initialisation,
+    # data order and noise draws): its drift is the mean paired difference with fp32 (1: one seed,
+    # compared unpaired with the references' mean)
+    candidate_seeds: int = Field(default=2, ge=1)
     max_trials: int = Field(default=6, gt=0)  # Optuna trials in stage 2
     keep_slower: bool = False  # also quality-test settings slower than the reference
     # early stopping in stage 2: at these fractions of train_samples a trial's quality is compared
@@ -108,17 +130,47 @@ class BudgetConfig(BaseModel):
     # is more than early_stop_bands noise bands on the harmful side stops ([] = never stop early)
     early_stop_at: list[float] = Field(default_factory=lambda: [0.5])
     early_stop_bands: float = Field(default=3.0, gt=0)
+    # quality is also measured at these fractions of train_samples (references and trials): the
+    # quality-over-time curves, and time-to-quality
+    quality_at: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
 
-    @field_validator("early_stop_at")
+    @model_validator(mode="after")
+    def _max_rounds(self) -> "BudgetConfig":
+        if self.profile_max_rounds < self.profile_rounds:
+            raise ValueError(f"profile_max_rounds ({self.profile_max_rounds}) must be >= profile_rounds "
+                             f"({self.profile_rounds})")
+        return self
+
+    @model_validator(mode="after")
+    def _seeds(self) -> "BudgetConfig":
+        if self.candidate_seeds > self.reference_seeds:
+            raise ValueError(f"candidate_seeds ({self.candidate_seeds}) cannot exceed reference_seeds "
+                             f"({self.reference_seeds}): each candidate seed is paired with a reference of that seed")
+        return self
+
+    @field_validator("early_stop_at", "quality_at")
     @classmethod
     def _fractions(cls, value: list[float]) -> list[float]:
         if any(not 0 < f < 1 for f in value):
             raise ValueError(f"fractions of train_samples strictly between 0 and 1; got {value}")
         return sorted(set(value))
 
+    def _samples(self, fractions: list[float]) -> list[int]:
+        return sorted({max(1, round(f * self.train_samples)) for f in fractions} - {self.train_samples})
+
     def rung_samples(self) -> list[int]:
         """The sample counts at which quality is measured before the end of training."""
-        return sorted({max(1, round(f * self.train_samples)) for f in self.early_stop_at} - {self.train_samples})
+        return sorted(set(self._samples(self.early_stop_at)) | set(self._samples(self.quality_at)))
+
+    def stop_samples(self) -> list[int]:
+        """The rungs where a trial clearly worse than fp32 may stop."""
+        return self._samples(self.early_stop_at)
+
+    def candidate_seed_list(self, seed: int) -> list[int]:
+        return [seed + i for i in range(self.candidate_seeds)]
+
+    def reference_seed_list(self, seed: int) -> list[int]:
+        return [seed + i for i in range(self.reference_seeds)]
 
 
 class ResourcesConfig(BaseModel):
@@ -144,8 +196,31 @@ class QualityConfig(BaseModel):
 
     metric: str = "ssim"  # decides the recommendation: ssim | psnr | l1 | fd
     feature_network: Path | None = None  # TorchScript feature extractor for the Fréchet distance
-    band_multiplier: float = Field(default=1.0, gt=0)  # a drift counts as inside when |drift| <= multiplier x band
+    # the equivalence margin: the quality loss that still counts as "the same as fp32". A number is
+    # absolute (metric units), "2%" is relative to the fp32 mean; unset: band_multiplier x the fp32
+    # seed-to-seed standard deviation, never below min_relative_margin x the fp32 mean
+    margin: float | str | None = None
+    band_multiplier: float = Field(default=1.0, gt=0)
+    min_relative_margin: float = Field(default=0.01, ge=0)
+    # warn before stage 2 when the fp32 seeds spread wider than this share of their mean: the
+    # budget cannot see small quality losses
+    max_relative_band: float = Field(default=0.05, gt=0)
     eval_batches: int | None = None  # validation batches per evaluation (None = whole val split)
+
+    @field_validator("margin")
+    @classmethod
+    def _margin(cls, value: float | str | None) -> float | str | None:
+        if value is None:
+            return None
+        from orchestrator.verdict import parse_margin
+
+        try:
+            number, _ = parse_margin(value)
+        except ValueError:
+            raise ValueError(f"a number (absolute) or a percentage like '2%' (relative); got {value!r}") from None
+        if not number > 0:
+            raise ValueError(f"must be > 0; got {value!r}")
+        return value
 
     @field_validator("metric")
     @classmethod
@@ -189,6 +264,12 @@ class StudyConfig(BaseModel):
     def reference(self) -> Setting:
         """The fp32 yardstick: O0, no speed flags, default eps, reference batch size."""
         return Setting(opt_level="O0", batch_size=self.reference_batch_size or min(self.search.fixed_batch_sizes))
+
+    @property
+    def torch_default(self) -> Setting:
+        """What a user runs today: fp32 with PyTorch's own backend flags (TF32 convolutions on
+        Ampere+ GPUs). A recommendation must beat it to be called faster."""
+        return self.reference.model_copy(update={"flags": SpeedFlags(tf32="default")})
 
 
 class ConfigError(ValueError):

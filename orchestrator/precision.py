@@ -9,7 +9,9 @@ a user can paste a recommended setting into their own loop::
     opt = policy.make_optimizer("generator", net.parameters(), lr=2e-4)
     with policy.autocast():
         loss = loss_fn(net(x.to(policy.input_dtype)))
-    policy.step("generator", loss, opt)               # raises Diverged when training has diverged
+    policy.step("generator", loss, opt)               # never waits for the device
+    if step % 50 == 0:
+        policy.check()                                # one host read; raises Diverged
 
 =====  ==========================  ==========  ==============================  ===================
 level  weights                     autocast    optimizer updates               fp16 loss scaling
@@ -37,13 +39,25 @@ Choices worth knowing:
 * **One scaler per loss name** (apex ``num_losses``): the discriminator's overflows never shrink
   the generator's scale. bf16 and O0 have no scaler; their non-finite gradients are still caught
   and the update skipped (an unscaled NaN gradient would otherwise be applied).
-* **Every step checks** the loss, the gradients (the scaler does it when there is one) and, after an
-  update, the weights; it synchronizes with the device once or twice per step to do so. Divergence
-  is decided locally: under DDP the trainer must agree on it across ranks.
+* **A step never waits for the device.** On a GPU every host read of a tensor (``float(t)``,
+  ``.item()``, ``bool(t)``) drains the launch queue. ``step`` keeps its bookkeeping in device-side
+  counters: non-finite losses, skipped updates, the streak of consecutive bad steps, the loss scale
+  and (every ``param_check_interval`` steps) non-finite weights. ``check()`` reads them all in one
+  transfer and raises :class:`Diverged`; ``health()`` hands the same counters to a caller that
+  batches them with its own reads (the trainer, every ``log_every`` steps). Divergence is decided
+  locally: under DDP the trainer agrees on it across ranks at those reads.
+* **Skipping a non-finite update happens on the device** when the optimizer can (torch's fused
+  Adam takes GradScaler's ``found_inf`` tensor and skips inside its kernel; we hand it the same
+  flag when there is no scaler). Other optimizers: with fp16 loss scaling torch's ``GradScaler``
+  decides the skip itself, reading ``found_inf`` on the host (torch's own wait, once per loss and
+  step, which a bare torch.amp loop pays too); without loss scaling (bf16, O0) the update is applied
+  and non-finite weights are caught by the next check: without loss scaling a non-finite gradient
+  is no overflow to wait out, it is divergence.
 * **TF32** is scoped: the process-global flags (``torch.backends.cuda.matmul.allow_tf32`` and
-  ``torch.backends.cudnn.allow_tf32``) are set to ``tf32`` inside :meth:`autocast` and
+  ``torch.backends.cudnn.allow_tf32``) are set for ``tf32`` inside :meth:`autocast` and
   :meth:`step` and restored on exit, so policies can be interleaved in one process. Note cuDNN's
-  default is TF32 *on*: the fp32 reference (``tf32=False``) switches it off. The legacy flags are
+  default is TF32 *on*: the strict fp32 reference (``tf32="off"``) switches it off, and
+  ``tf32="default"`` (PyTorch's default, what a user runs today) keeps the flags torch set. The legacy flags are
   used because they exist in every torch >= 2.4; mixing them with torch's newer
   ``fp32_precision`` attributes makes torch refuse to read them.
 """
@@ -73,6 +87,11 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 _HOOKED = "_precision_fp32_norm_hooks"
+
+# The TF32 backend flags as torch set them in this process (read at import, before any policy
+# changed them): what ``tf32="default"`` restores, i.e. what a user's own fp32 training runs with.
+TORCH_DEFAULT_TF32 = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                      "cudnn": bool(torch.backends.cudnn.allow_tf32)}
 
 
 class Diverged(RuntimeError):
@@ -115,6 +134,7 @@ class MasterWeightAdam(torch.optim.Adam):
     def __init__(self, params, **kwargs: Any):
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (half model param, fp32 master)
         self._model_params: list[torch.Tensor] = []
+        self._grad_buffers: dict[int, torch.Tensor] = {}  # fp32 gradient storage per master
         super().__init__(params, **kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -145,18 +165,31 @@ class MasterWeightAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def copy_grads_to_masters(self) -> None:
+        """The half gradients onto fp32 buffers the masters keep: one multi-tensor copy."""
+        with_grad = [(p, m) for p, m in self._pairs if p.grad is not None]
         for p, m in self._pairs:
-            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            m.grad = None
+        if not with_grad:
+            return
+        buffers = []
+        for _, m in with_grad:
+            buffer = self._grad_buffers.get(id(m))
+            if buffer is None:
+                buffer = self._grad_buffers[id(m)] = torch.empty_like(m)
+            m.grad = buffer
+            buffers.append(buffer)
+        torch._foreach_copy_(buffers, [p.grad for p, _ in with_grad])
+        for p, _ in with_grad:
             p.grad = None  # the half grad is no longer needed
 
     @torch.no_grad()
     def copy_masters_to_model(self) -> None:
-        for p, m in self._pairs:
-            p.copy_(m)
+        if self._pairs:
+            torch._foreach_copy_([p for p, _ in self._pairs], [m for _, m in self._pairs])
 
     def step(self, closure=None):
         loss = super().step(closure)
-        self.copy_masters_to_model()
+        self.copy_masters_to_model()  # a step skipped on the device copies the unchanged masters
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -192,20 +225,42 @@ class MasterWeightAdam(torch.optim.Adam):
         self.copy_masters_to_model()
 
 
-def _all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
-    """True when every element of every tensor is finite (one device sync).
+def _nonfinite_flag(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """A 0-d float tensor on the device, 1.0 when any element of any tensor is inf or NaN; no
+    host read. None when there is nothing to check.
 
     One multi-tensor max-norm per device/dtype instead of a kernel per tensor: a non-finite element
     makes its tensor's max-norm inf or NaN, and a max never overflows the way a sum of squares can."""
     present = [t for t in tensors if t is not None]
     if not present:
-        return True
+        return None
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in present:
         groups.setdefault((t.device, t.dtype), []).append(t)
-    norms = [n.float().reshape(1).to(present[0].device)
+    device = present[0].device
+    norms = [n.float().reshape(1).to(device, non_blocking=True)
              for group in groups.values() for n in torch._foreach_norm(group, float("inf"))]
-    return bool(torch.isfinite(torch.cat(norms)).all())
+    return (~torch.isfinite(torch.cat(norms))).any().float()
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor (torch's fused optimizers do)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+class _Counters:
+    """One loss's device-side bookkeeping (0-d float32 tensors; nothing here reads the host)."""
+
+    FIELDS = ("steps", "skipped", "nonfinite", "streak", "tripped_at", "bad_weights_at")
+
+    def __init__(self, device: torch.device, initial: dict[str, float] | None = None):
+        initial = initial or {}
+        for field in self.FIELDS:
+            setattr(self, field, torch.tensor(float(initial.get(field, 0.0)), device=device))
+        self.last_skipped = torch.zeros((), device=device)
+
+    def vector(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f) for f in self.FIELDS])
 
 
 def _normalize_params(params) -> list:
@@ -262,7 +317,9 @@ class PrecisionPolicy:
         init_scale, growth_interval: GradScaler's (fp16 only; backoff 0.5, growth 2).
         nonfinite_patience: consecutive non-finite steps of one loss tolerated before Diverged.
         min_scale: a loss scale below this is a collapse (fp16 overflowing even unscaled).
-        tf32: TF32 for CUDA matmuls/convs inside ``autocast()`` and ``step()``.
+        tf32: TF32 for CUDA matmuls/convs inside ``autocast()`` and ``step()``: "off" (strict fp32),
+            "on", or "default" (torch's own flags, as found at import: TF32 convs, strict matmuls);
+            True/False mean "on"/"off".
         param_check_interval: check the weights for non-finite values every N steps of a loss.
     """
 
@@ -276,7 +333,7 @@ class PrecisionPolicy:
         growth_interval: int = 2000,
         nonfinite_patience: int = 3,
         min_scale: float = 2.0**-8,
-        tf32: bool = False,
+        tf32: bool | str = "off",
         param_check_interval: int = 1,
     ):
         if opt_level not in OPT_LEVELS:
@@ -295,7 +352,10 @@ class PrecisionPolicy:
         self.loss_names = tuple(loss_names)
         self.nonfinite_patience = nonfinite_patience
         self.min_scale = float(min_scale)
-        self.tf32 = bool(tf32)
+        tf32 = {True: "on", False: "off"}.get(tf32, tf32) if isinstance(tf32, bool) else tf32
+        if tf32 not in ("off", "on", "default"):
+            raise ValueError(f"tf32 must be 'off', 'on' or 'default', got {tf32!r}")
+        self.tf32 = tf32
         self.param_check_interval = param_check_interval
         self.optimizer_impl: dict[str, str] = {}
 
@@ -305,9 +365,10 @@ class PrecisionPolicy:
                               enabled=self.uses_scaler)
             for name in self.loss_names
         }
-        zero = {name: 0 for name in self.loss_names}
-        self._steps, self._skipped, self._nonfinite_losses = dict(zero), dict(zero), dict(zero)
-        self._streak = dict(zero)  # consecutive non-finite steps (see step())
+        self._steps = {name: 0 for name in self.loss_names}  # host side: known without a read
+        self._counters: dict[str, _Counters] = {}  # created on the loss's device at its first step
+        self._loaded: dict[str, dict[str, float]] = {}  # counters from a checkpoint, until then
+        self._host: dict[str, dict[str, float]] = {}  # the counters as last read
 
     # ------------------------------------------------------------------ what the setting means
 
@@ -402,11 +463,18 @@ class PrecisionPolicy:
 
     # ------------------------------------------------------------------ forward
 
+    @property
+    def tf32_flags(self) -> tuple[bool, bool]:
+        """(matmul, cudnn) ``allow_tf32`` inside this policy's scopes."""
+        if self.tf32 == "default":
+            return TORCH_DEFAULT_TF32["matmul"], TORCH_DEFAULT_TF32["cudnn"]
+        return (self.tf32 == "on",) * 2
+
     @contextlib.contextmanager
     def _tf32_scope(self) -> Iterator[None]:
         matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
         saved = (matmul.allow_tf32, cudnn.allow_tf32)
-        matmul.allow_tf32 = cudnn.allow_tf32 = self.tf32
+        matmul.allow_tf32, cudnn.allow_tf32 = self.tf32_flags
         try:
             yield
         finally:
@@ -425,17 +493,19 @@ class PrecisionPolicy:
         if name not in self.scalers:
             raise KeyError(f"unknown loss {name!r}: this policy was built for {self.loss_names}")
 
-    def step(self, name: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        """Backward ``loss`` and update through ``optimizer``; True if the update was applied.
+    def step(self, name: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Backward ``loss`` and update through ``optimizer`` without waiting for the device.
 
         Scales the fp32 loss with this loss's own scaler, backpropagates (always, so DDP ranks stay
-        in step), moves grads to the fp32 masters (O2), unscales, steps unless gradients are
-        non-finite, updates the scale, refreshes the half weights (O2) and frees the grads.
-        The optimizer's grads are cleared first: one backward per step, no accumulation.
+        in step), moves grads to the fp32 masters (O2), unscales, updates unless gradients are
+        non-finite (see the module docstring for where the skip is decided), updates the scale and
+        frees the grads. The optimizer's grads are cleared first: one backward per step, no
+        accumulation. Returns the step's "skipped" flag as a 0-d device tensor (1.0 = skipped);
+        reading it waits for the device.
 
-        Raises :class:`Diverged` when the loss (or, without a scaler, the gradients) was non-finite
-        for ``nonfinite_patience`` consecutive steps, when the loss scale fell below
-        ``min_scale``, or when the weights became non-finite."""
+        Divergence is recorded on the device and raised by :meth:`check`: the loss (or, without
+        a scaler, the gradients) non-finite for ``nonfinite_patience`` consecutive steps, the loss
+        scale below ``min_scale``, or non-finite weights."""
         self._check_name(name)
         masters = isinstance(optimizer, MasterWeightAdam)
         if self.uses_master_weights and not masters:
@@ -443,78 +513,167 @@ class PrecisionPolicy:
                 raise TypeError("O2 updates fp32 master weights: build the optimizer with make_optimizer")
         scaler = self.scalers[name]
         self._steps[name] += 1
-        step = self._steps[name]
+        counters = self._counters_for(name, loss.device)
 
         with self._tf32_scope():
             optimizer.zero_grad(set_to_none=True)
             loss = loss.float()
-            loss_finite = torch.isfinite(loss).all()  # read after backward: one sync for both
+            loss_bad = (~torch.isfinite(loss)).any().float()
             scaler.scale(loss).backward()
             if masters:
                 optimizer.copy_grads_to_masters()
             if scaler.is_enabled():
-                before = scaler.get_scale()
                 scaler.unscale_(optimizer)
-                scaler.step(optimizer)  # skipped inside when a gradient overflowed
+                found_inf = sum(f.to(loss.device, non_blocking=True)
+                                for f in scaler._found_inf_per_device(optimizer).values())
+                scaler.step(optimizer)  # skipped when a gradient overflowed (on the device if fused)
                 scaler.update()
-                applied = not scaler.get_scale() < before
+                skipped = found_inf
             else:
-                applied = _all_finite(p.grad for g in optimizer.param_groups for p in g["params"])
-                if applied:
-                    optimizer.step()
+                found_inf = _nonfinite_flag(p.grad for g in optimizer.param_groups for p in g["params"])
+                if found_inf is None:
+                    found_inf = torch.zeros((), device=loss.device)
+                if _skips_on_device(optimizer):
+                    optimizer.grad_scale, optimizer.found_inf = None, found_inf
+                    try:
+                        optimizer.step()
+                    finally:
+                        del optimizer.grad_scale, optimizer.found_inf
+                    skipped = found_inf
+                else:
+                    optimizer.step()  # applied: non-finite weights are caught by the next check
+                    skipped = torch.zeros((), device=loss.device)
             optimizer.zero_grad(set_to_none=True)
 
-        loss_finite = bool(loss_finite)
-        self._skipped[name] += not applied
-        self._nonfinite_losses[name] += not loss_finite
-        # With a scaler, a finite loss whose gradients overflowed is ordinary loss scaling (the
-        # scale shrinks); without one nothing will shrink, so a skipped step counts as non-finite.
-        bad = not loss_finite or (not applied and not scaler.is_enabled())
-        self._streak[name] = self._streak[name] + 1 if bad else 0
-        if self._streak[name] >= self.nonfinite_patience:
-            what = "loss" if not loss_finite else "gradients (no loss scaling)"
-            raise Diverged(f"non-finite {name} {what} for {self._streak[name]} consecutive steps", step, name)
-        if scaler.is_enabled() and scaler.get_scale() < self.min_scale:
-            raise Diverged(f"{name} loss scale collapsed to {_log2(scaler.get_scale())}, below min_scale "
-                           f"{_log2(self.min_scale)}", step, name)
-        if applied and step % self.param_check_interval == 0:
+        # bookkeeping, all on the device. With a scaler, a finite loss whose gradients overflowed is
+        # ordinary loss scaling (the scale shrinks); without one nothing will shrink, so non-finite
+        # gradients count as a bad step.
+        bad = loss_bad if scaler.is_enabled() else torch.maximum(loss_bad, found_inf)
+        counters.steps += 1
+        counters.skipped += skipped
+        counters.nonfinite += loss_bad
+        counters.streak.copy_((counters.streak + 1) * bad)
+        tripped_now = (counters.streak >= self.nonfinite_patience) & (counters.tripped_at == 0)
+        counters.tripped_at.copy_(torch.where(tripped_now, counters.steps, counters.tripped_at))
+        counters.last_skipped = skipped
+        if self._steps[name] % self.param_check_interval == 0:
             weights = optimizer.model_parameters if masters else (
                 p for g in optimizer.param_groups for p in g["params"])
-            if not _all_finite(weights):
-                raise Diverged(f"non-finite {name} weights after the update", step, name)
-        return applied
+            flag = _nonfinite_flag(weights)
+            if flag is not None:
+                first = (flag > 0) & (counters.bad_weights_at == 0)
+                counters.bad_weights_at.copy_(torch.where(first, counters.steps, counters.bad_weights_at))
+        return skipped
+
+    # ------------------------------------------------------------------ divergence, read in one go
+
+    def _counters_for(self, name: str, device: torch.device) -> _Counters:
+        counters = self._counters.get(name)
+        if counters is None:
+            counters = self._counters[name] = _Counters(device, self._loaded.pop(name, None))
+        return counters
+
+    def _scale_tensor(self, name: str, device: torch.device) -> torch.Tensor:
+        scaler = self.scalers[name]
+        scale = scaler._scale if scaler.is_enabled() else None  # _get_scale_async without the warning
+        if scale is None:
+            return torch.full((), self.scale_before_first_step(name), device=device)
+        return scale.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+
+    def scale_before_first_step(self, name: str) -> float:
+        scaler = self.scalers[name]
+        return float(scaler._init_scale) if scaler.is_enabled() else 1.0
+
+    HEALTH_FIELDS = _Counters.FIELDS + ("scale",)
+
+    def health(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Every loss's counters and scale, plus a leading "diverged" flag, as one 1-D float32 tensor
+        on the device (no host read): ``[diverged, *(counters + scale) per loss]``. Pass the values
+        (``tensor.tolist()``, batched with other reads) to :meth:`judge`. Under DDP, all-reduce
+        element 0 with MAX first so every rank stops together."""
+        if device is None:
+            device = next((c.steps.device for c in self._counters.values()), torch.device("cpu"))
+        device = torch.device(device)
+        parts, flags = [], []
+        for name in self.loss_names:
+            counters = self._counters_for(name, device)
+            scale = self._scale_tensor(name, device)
+            parts.append(torch.cat([counters.vector(), scale.reshape(1)]))
+            flags += [counters.tripped_at > 0, counters.bad_weights_at > 0]
+            if self.scalers[name].is_enabled():
+                flags.append(scale < self.min_scale)
+        diverged = torch.stack(flags).any().float().reshape(1)
+        return torch.cat([diverged, *parts])
+
+    def judge(self, values: Sequence[float]) -> Diverged | None:
+        """Take the values of :meth:`health` (read on the host); remember them for :meth:`stats` and
+        return the :class:`Diverged` they show, or None."""
+        width = len(self.HEALTH_FIELDS)
+        problems: list[Diverged] = []
+        for i, name in enumerate(self.loss_names):
+            host = dict(zip(self.HEALTH_FIELDS, values[1 + i * width: 1 + (i + 1) * width]))
+            self._host[name] = host
+            if host["tripped_at"] > 0:
+                what = "loss" if host["nonfinite"] > 0 else "gradients (no loss scaling)"
+                problems.append(Diverged(f"non-finite {name} {what} for {self.nonfinite_patience} "
+                                         f"consecutive steps", int(host["tripped_at"]), name))
+            if host["bad_weights_at"] > 0:
+                problems.append(Diverged(f"non-finite {name} weights after the update",
+                                         int(host["bad_weights_at"]), name))
+            if self.scalers[name].is_enabled() and host["scale"] < self.min_scale:
+                problems.append(Diverged(f"{name} loss scale collapsed to {_log2(host['scale'])}, below "
+                                         f"min_scale {_log2(self.min_scale)}", int(host["steps"]), name))
+        return min(problems, key=lambda d: d.step) if problems else None
+
+    def check(self) -> None:
+        """Read the counters (one host read) and raise :class:`Diverged` if training diverged."""
+        problem = self.judge(self.health().tolist())
+        if problem is not None:
+            raise problem
 
     # ------------------------------------------------------------------ bookkeeping
 
+    def _read(self) -> dict[str, dict[str, float]]:
+        """The counters on the host (reads the device once when any loss has stepped)."""
+        if self._counters:
+            self.judge(self.health().tolist())
+        out = {}
+        for name in self.loss_names:
+            host = self._host.get(name) or {**dict.fromkeys(_Counters.FIELDS, 0.0), **self._loaded.get(name, {}),
+                                            "scale": self.scale_before_first_step(name)}
+            out[name] = host
+        return out
+
     def scale(self, name: str) -> float:
-        """Current loss scale of ``name`` (1.0 when unscaled)."""
+        """Current loss scale of ``name`` (1.0 when unscaled); reads the device."""
         self._check_name(name)
-        scaler = self.scalers[name]
-        return float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        return float(self._read()[name]["scale"]) if self.scalers[name].is_enabled() else 1.0
 
     def stats(self) -> dict[str, float]:
-        """Per loss ``steps_/skipped_/nonfinite_/scale_<name>``; totals ``steps/skipped/skip_rate``."""
+        """Per loss ``steps_/skipped_/nonfinite_/scale_<name>``; totals ``steps/skipped/skip_rate``.
+        Reads the device once."""
+        host = self._read()
         out: dict[str, float] = {}
         for name in self.loss_names:
             out[f"steps_{name}"] = float(self._steps[name])
-            out[f"skipped_{name}"] = float(self._skipped[name])
-            out[f"nonfinite_{name}"] = float(self._nonfinite_losses[name])
-            out[f"scale_{name}"] = self.scale(name)
-        steps, skipped = sum(self._steps.values()), sum(self._skipped.values())
+            out[f"skipped_{name}"] = float(host[name]["skipped"])
+            out[f"nonfinite_{name}"] = float(host[name]["nonfinite"])
+            out[f"scale_{name}"] = float(host[name]["scale"]) if self.scalers[name].is_enabled() else 1.0
+        steps = sum(self._steps.values())
+        skipped = sum(out[f"skipped_{name}"] for name in self.loss_names)
         out["steps"], out["skipped"] = float(steps), float(skipped)
         out["skip_rate"] = skipped / steps if steps else 0.0
         return out
 
     def state_dict(self) -> dict[str, Any]:
         """Scalers and counters (the optimizers hold their own state, O2 masters included)."""
+        host = self._read()
         return {
             "opt_level": self.opt_level,
             "dtype": self.dtype,
             "scalers": {name: s.state_dict() for name, s in self.scalers.items()},
             "steps": dict(self._steps),
-            "skipped": dict(self._skipped),
-            "nonfinite": dict(self._nonfinite_losses),
-            "streak": dict(self._streak),
+            "counters": {name: {f: float(host[name][f]) for f in _Counters.FIELDS} for name in self.loss_names},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -526,6 +685,10 @@ class PrecisionPolicy:
             raise ValueError(f"precision state has no scaler for {sorted(missing)}")
         for name, scaler in self.scalers.items():
             scaler.load_state_dict(state["scalers"][name])
-        for attr, key in (("_steps", "steps"), ("_skipped", "skipped"),
-                          ("_nonfinite_losses", "nonfinite"), ("_streak", "streak")):
-            getattr(self, attr).update({n: int(state[key].get(n, 0)) for n in self.loss_names})
+        self._steps.update({n: int(state["steps"].get(n, 0)) for n in self.loss_names})
+        counters = state.get("counters", {})
+        devices = {n: c.steps.device for n, c in self._counters.items()}
+        self._counters, self._host = {}, {}
+        self._loaded = {n: dict(counters.get(n, {})) for n in self.loss_names}
+        for name, device in devices.items():
+            self._counters_for(name, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -18,29 +19,54 @@ import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 
+from orchestrator import interrupts
 from orchestrator.config import ResourcesConfig, StudyConfig
+from orchestrator.results import combine_seed_results
 from orchestrator.settings import Setting
 from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
 
 PENALTY_DRIFT = 1e3  # finite stand-in for "diverged / not measurable" (Optuna rejects NaN)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> str:
-    """Connect to ``address`` (an existing cluster) or start a local Ray; returns a description."""
+    """Connect to ``address`` (an existing cluster) or start a local Ray; returns a description.
+
+    A local Ray gets its dashboard on a free loopback port, and its processes are told that address
+    (``RAY_API_SERVER_ADDRESS``): Ray Train's placement-group cleaner polls the state API there, and
+    left to find "the" local Ray by itself it fails with "Found multiple active Ray instances" as
+    soon as a second study runs on the same machine."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # worker lines are the study's progress: never fold "similar" ones (seed 0 / seed 1) together
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():
         return "existing Ray session"
-    # workers must import this project's packages: ship them when running from a source checkout
-    # (an installed project is already importable on every node)
-    # the dashboard (loopback only by default) also serves the state API that Ray Train's
-    # placement-group cleaner polls; without it every run logs a warning every few seconds
     # Ray Train's print patch would echo every worker print twice on the driver
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_V2_ENABLED": "1"}
-    ray.init(address=address, num_cpus=num_cpus if address is None else None,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING",
-             runtime_env={"env_vars": env})
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "0"}
+    env.update({k: os.environ[k] for k in (interrupts.PAUSE_AT, interrupts.PAUSE_FILE) if k in os.environ})
+    kwargs: dict[str, Any] = {}
+    if address is None:
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs = {"num_cpus": num_cpus, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    interrupts.pause_point("ray-start")
+    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING",
+             runtime_env={"env_vars": env}, **kwargs)
+    interrupts.reinstall()
     return address or "local Ray"
+
+
+def session_dir() -> str:
+    """This Ray session's directory (its logs; every process of the session names it)."""
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:  # connected as a client, or not started
+        return ""
 
 
 def cluster_tracking_uri(uri_file: str | os.PathLike | None = None) -> str | None:
@@ -87,7 +113,10 @@ def run_interruptibly(fit: Callable[[], Any]) -> Any:
     thread = threading.Thread(target=target, name="ray-fit", daemon=True)
     thread.start()
     while thread.is_alive():
+        interrupts.check()  # an interrupt a library swallowed still stops the study
         thread.join(0.2)  # a short join keeps the main thread able to take KeyboardInterrupt
+    interrupts.reinstall()
+    interrupts.check()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -120,10 +149,11 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
                  rung_bands: dict[int, dict] | None = None) -> tuple[dict[str, Any], Path | None]:
     """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path).
 
-    Quality is also measured at the budget's early-stop rungs; with ``rung_bands`` (the references'
-    bands there, as dicts) a seed clearly outside one stops early."""
+    Quality is also measured at the budget's curve points and early-stop rungs; with ``rung_bands``
+    (the references' bands there, as dicts) a seed clearly outside one at an early-stop rung stops."""
     config = {"study": study.model_dump(mode="json"), "setting": setting.model_dump(mode="json"), "seeds": seeds,
-              "rungs": study.budget.rung_samples(), "rung_bands": {str(k): v for k, v in (rung_bands or {}).items()},
+              "rungs": study.budget.rung_samples(), "stops": study.budget.stop_samples(),
+              "rung_bands": {str(k): v for k, v in (rung_bands or {}).items()},
               "stop_bands": study.budget.early_stop_bands}
     result = _fit(quality_loop, config, study, storage, name)
     grid = None
@@ -139,10 +169,11 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[str, dict], storage: str,
                   evaluate: Callable[[dict[str, Any]], dict[str, float]],
                   rung_bands: dict[int, dict] | None = None) -> None:
-    """One Tune trial: train the proposed setting for the quality budget and report speedup (from
-    stage 1) and drift. A repeated proposal reuses the finished result and costs no training; a
-    setting clearly outside the references' band at an early-stop rung stops there, and its drift
-    is the one measured at that rung."""
+    """One Tune trial: train the proposed setting for the quality budget with the references' first
+    ``budget.candidate_seeds`` seeds (paired with them) and report speedup (from stage 1) and its
+    quality loss against fp32. A repeated proposal reuses the finished result and costs no
+    training; a setting clearly outside the references' band at an early-stop rung stops there, and
+    its drift is the one measured at that rung."""
     study = StudyConfig.model_validate(study_json)
     key = params["setting"]
     setting = Setting.model_validate(candidates[key]["setting"])
@@ -151,16 +182,16 @@ def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[
     if cache.exists():
         ray.tune.report({**json.loads(cache.read_text()), "trained": 0, "repeat": 1})
         return
-    finished, grid = run_training(study, setting, [study.seed], Path(storage), name=f"quality-{key}",
-                                  rung_bands=rung_bands)
-    outcome = finished[str(study.seed)]
+    finished, grid = run_training(study, setting, study.budget.candidate_seed_list(study.seed), Path(storage),
+                                  name=f"quality-{key}", rung_bands=rung_bands)
+    outcome = combine_seed_results(finished)
     scores = evaluate(outcome)
     metrics = {"setting_key": key, "label": setting.label(),
                **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))},
                **scores, "speedup": float(profile.get("speedup") or 0.0), "trained": 1,
                "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
-    if not math.isfinite(metrics["drift_in_bands"]):
-        metrics["drift_in_bands"] = PENALTY_DRIFT
+    if not math.isfinite(metrics["drift_in_margins"]):
+        metrics["drift_in_margins"] = PENALTY_DRIFT
     if outcome.get("status") not in ("ok", "stopped"):
         metrics["speedup"] = 0.0  # a diverged setting has no useful speed
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +238,7 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
 
     The space is one categorical over the survivors: stage 1 already removed the slow, diverging
     and out-of-memory corners, so no proposal is wasted on them. The fastest untried survivors are
-    proposed first (the likeliest recommendation); ``previous`` ({key: [speedup, drift_in_bands]})
+    proposed first (the likeliest recommendation); ``previous`` ({key: [speedup, drift_in_margins]})
     are what a resumed study already trained."""
     from ray.tune.search.optuna import OptunaSearch
 
@@ -219,7 +250,7 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
     untried = [k for k in keys if k not in previous]
     first = untried[: min(2, num_trials)]
     searcher = OptunaSearch(
-        metric=["speedup", "drift_in_bands"], mode=["max", "min"], seed=study.seed,
+        metric=["speedup", "drift_in_margins"], mode=["max", "min"], seed=study.seed,
         # previously trained keys come back from the trial cache at no cost, so Optuna learns them
         points_to_evaluate=[{"setting": k} for k in list(previous) + first] or None,
     )
@@ -239,6 +270,25 @@ def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, di
                                       verbose=0),
     )
     run_interruptibly(tuner.fit)
+
+
+# ----------------------------------------------------------------------------- the device
+
+
+@ray.remote(max_retries=0)
+def _probe_device(use_gpu: bool) -> dict[str, Any]:
+    import torch
+
+    from orchestrator.devices import describe_device
+
+    return describe_device("cuda" if use_gpu and torch.cuda.is_available() else "cpu").as_dict()
+
+
+def probe_device(study: StudyConfig) -> dict[str, Any]:
+    """``DeviceInfo`` (as a dict) of a worker with a trial's resources: what training runs on."""
+    resources = study.resources
+    task = _probe_device.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
+    return run_interruptibly(lambda: ray.get(task.remote(resources.use_gpu)))
 
 
 # ----------------------------------------------------------------------------- batch_size: auto
@@ -266,4 +316,5 @@ def find_batches(study: StudyConfig, settings: list[Setting]) -> list[dict[str, 
     """``batch_size: auto``: one ``BatchSearch`` dict per setting (its batch size is ignored)."""
     resources = study.resources
     task = _find_batches.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
-    return ray.get(task.remote(study.model_dump(mode="json"), [s.model_dump(mode="json") for s in settings]))
+    ref = task.remote(study.model_dump(mode="json"), [s.model_dump(mode="json") for s in settings])
+    return run_interruptibly(lambda: ray.get(ref))

@@ -15,6 +15,15 @@ OptLevel = Literal["O0", "O1", "O2", "O3"]
 HalfDtype = Literal["fp16", "bf16"]
 Fusion = Literal["none", "jit", "compile"]
 Checkpointing = Literal["none", "blocks", "all"]
+# TF32 for fp32 matmuls/convolutions on CUDA: "off" is strict fp32 (the reference), "on" allows it
+# everywhere, "default" leaves torch's own backend flags as torch sets them on that device (what a
+# user runs today: on CUDA, TF32 convolutions but strict matmuls). No effect on a CPU.
+TF32 = Literal["off", "on", "default"]
+
+
+def tf32_value(value: object) -> object:
+    """YAML's ``true``/``false`` mean "on"/"off"."""
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
 
 
 class SpeedFlags(BaseModel):
@@ -27,7 +36,12 @@ class SpeedFlags(BaseModel):
     fusion: Fusion = "none"
     affinity: bool = False
     channels_last: bool = False
-    tf32: bool = False
+    tf32: TF32 = "off"
+
+    @field_validator("tf32", mode="before")
+    @classmethod
+    def _tf32_from_bool(cls, value: object) -> object:
+        return tf32_value(value)
 
 
 class Setting(BaseModel):
@@ -59,8 +73,8 @@ class Setting(BaseModel):
 
     @property
     def is_reference(self) -> bool:
-        """True for plain fp32 training (O0 without TF32): the yardstick for speed and quality."""
-        return self.opt_level == "O0" and not self.flags.tf32
+        """True for strict fp32 training (O0, TF32 off): the yardstick for speed and quality."""
+        return self.opt_level == "O0" and self.flags.tf32 == "off"
 
     def label(self) -> str:
         """Short human-readable name, e.g. ``O1-bf16-b4 ckpt=blocks eps.instance_norm=0.1``."""

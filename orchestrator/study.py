@@ -17,20 +17,20 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from orchestrator import interrupts
 from orchestrator import recommend as rec_mod
 from orchestrator import report as report_mod
 from orchestrator import search
 from orchestrator.config import StudyConfig
+from orchestrator.devices import DeviceInfo, describe_device
 from orchestrator.results import ResultsTable
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.tracking import Tracker
@@ -40,11 +40,8 @@ FINAL_PROFILE = ("ok", "slower", "diverged", "oom", "error")
 
 
 def machine_description() -> str:
-    if torch.cuda.is_available():
-        device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    else:
-        device = f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
-    return f"{platform.node()}: {device}; torch {torch.__version__}"
+    """This process's machine (benchmarks); a study describes its workers' device instead."""
+    return describe_device().describe()
 
 
 def _now() -> str:
@@ -152,7 +149,10 @@ class Study:
         return self.table.get(row_id)
 
     def _candidate_row(self, setting: Setting, values: dict[str, Any]) -> dict[str, Any]:
-        base = {"kind": "candidate", "setting_key": setting.key(), "label": setting.label(), **setting.flat()}
+        base = {"kind": "candidate", "setting_key": setting.key(), "label": setting.label(),
+                "setting_json": setting.model_dump_json(), **setting.flat()}
+        if setting == self.config.torch_default:
+            base["baseline"] = "torch_default"
         return self._record(setting.key(), {**base, **values})
 
     # ------------------------------------------------------------------ stages
@@ -163,15 +163,32 @@ class Study:
 
         return load_model(self.config.model.name, **self.config.model.options).name
 
+    def device(self) -> DeviceInfo:
+        """The training device, probed once on a worker with a trial's resources (cached for --resume)."""
+        cached = (self.table.get("study") or {}).get("device_info")
+        if cached:
+            return DeviceInfo.from_dict(json.loads(cached))
+        info = DeviceInfo.from_dict(search.probe_device(self.config))
+        self.table.upsert("study", {"device_info": json.dumps(info.as_dict()), "machine": info.describe()})
+        self.log(f"training device: {info.describe()}")
+        if info.torch_default_differs:
+            self.log(f"  TF32: searching tf32 off/on{' (search.tf32 is set: as given)' if 'tf32' in self.config.search.model_fields_set else ''}"
+                     f"; PyTorch's default fp32 (TF32 {info.torch_default_tf32_text()}) is timed as a row of its own")
+        return info
+
     def candidates(self) -> list[Setting]:
-        """The grid, with eps values equal to the model's defaults dropped (so the default-eps fp32
-        setting *is* the reference, not a copy of it), minus the reference itself."""
+        """The grid on the training device, with eps values equal to the model's defaults dropped
+        (so the default-eps fp32 setting *is* the reference, not a copy of it), minus the reference
+        itself; plus PyTorch's default fp32 where it differs from strict fp32 (TF32 GPUs)."""
         from models.base import load_model
 
         defaults = load_model(self.config.model.name, **self.config.model.options).eps_sites
         reference = self.config.reference.key()
+        device = self.device()
         unique: dict[str, Setting] = {}
-        for setting in self.config.search.candidates():
+        if device.torch_default_differs:
+            unique[self.config.torch_default.key()] = self.config.torch_default
+        for setting in self.config.search.for_device(device.tf32_capable).candidates():
             eps = {k: v for k, v in setting.eps.items() if defaults.get(k) != v}
             setting = setting.model_copy(update={"eps": eps})
             unique.setdefault(setting.key(), setting)
@@ -182,7 +199,8 @@ class Study:
         limit = self.config.budget.max_profiled
         if len(grid) > limit:
             self.log(f"the grid has {len(grid)} settings; profiling a random sample of {limit}")
-            grid = random.Random(self.config.seed).sample(grid, limit)
+            keep = [s for s in grid if s == self.config.torch_default]
+            grid = keep + random.Random(self.config.seed).sample([s for s in grid if s not in keep], limit - len(keep))
         return grid
 
     def _auto_batch_settings(self, grid: list[Setting]) -> list[Setting]:
@@ -238,8 +256,8 @@ class Study:
         return {k: row[k] for k in row if k in ("status", "speedup", "speedup_low", "speedup_high", "profile_status")} | {
             "status": row.get("profile_status", row.get("status"))}
 
-    def references(self) -> rec_mod.Band:
-        seeds = [self.config.seed + i for i in range(self.config.budget.reference_seeds)]
+    def references(self) -> rec_mod.QualityBasis:
+        seeds = self.config.budget.reference_seed_list(self.config.seed)
         todo = [s for s in seeds if (self.table.get(f"reference:{s}") or {}).get("status") is None]
         reference = self.config.reference
         if todo:
@@ -254,14 +272,21 @@ class Study:
                 result = finished[str(seed)]
                 self._record(f"reference:{seed}",
                              {"kind": "reference", "seed": seed, "label": f"fp32 reference seed {seed}",
+                              "setting_key": reference.key(), "setting_json": reference.model_dump_json(),
                               **reference.flat(), **result, **memory, "speedup": 1.0, "trained": 1,
                               "samples_grid": str(grid) if grid and seed == todo[0] else None})
-        frame = self.table.frame()
-        band = rec_mod.reference_band(frame, self.config.quality.metric, self.config.quality.band_multiplier)
-        self.log(f"noise band of {band.metric}: {band.mean:.4f} ± {band.tolerance:.4f} over {len(band.values)} seeds")
-        return band
+        basis = rec_mod.quality_basis(self.table.frame(), self.config.quality)
+        metric = basis.column.removeprefix("quality_")
+        self.log(f"fp32 {metric} over {len(basis.references)} seeds: {basis.mean:.4f} ± {basis.sd:.4f} (sd); "
+                 f"equivalence margin {basis.margin.value:.4g} ({basis.margin.source})")
+        if basis.relative_spread > self.config.quality.max_relative_band:
+            self.log(f"warning: the fp32 seeds spread {basis.relative_spread:.0%} of their mean {metric}, more than "
+                     f"quality.max_relative_band ({self.config.quality.max_relative_band:.0%}): at this budget only large "
+                     f"quality losses are visible. Raise budget.train_samples (now {self.config.budget.train_samples}) "
+                     f"so training settles, or budget.reference_seeds/candidate_seeds for more pairs")
+        return basis
 
-    def quality_search(self, settings: list[Setting], known: dict[str, dict], band: rec_mod.Band) -> None:
+    def quality_search(self, settings: list[Setting], known: dict[str, dict], basis: rec_mod.QualityBasis) -> None:
         budget = self.config.budget
         allowed = ("ok", "slower") if budget.keep_slower else ("ok",)
         survivors = [s for s in settings if known.get(s.key(), {}).get("status") in allowed]
@@ -272,7 +297,7 @@ class Study:
         if not survivors or remaining <= 0:
             return
         by_key = {s.key(): s for s in settings}
-        previous = {r["row_id"]: [float(r.get("speedup") or 0.0), float(r.get("drift_in_bands", search.PENALTY_DRIFT))]
+        previous = {r["row_id"]: [float(r.get("speedup") or 0.0), float(r.get("drift_in_margins", search.PENALTY_DRIFT))]
                     for r in trained if r["row_id"] in by_key and by_key[r["row_id"]] in survivors}
 
         def on_result(metrics: dict[str, Any]) -> None:
@@ -289,8 +314,10 @@ class Study:
                            "samples_grid": metrics.get("samples_grid") or None})
             self._candidate_row(by_key[key], values)
             self.log(f"[stage 2] {by_key[key].label()}: {values['status']}, speedup {metrics.get('speedup', math.nan):.2f}, "
-                     f"drift {metrics.get('drift', math.nan):+.4f} ({'inside' if metrics.get('inside_band') else 'outside'} band)")
+                     f"mean paired drift {metrics.get('drift', math.nan):+.4f} over {len(json.loads(values.get('seeds', '[]')))} "
+                     f"seed(s) ({metrics.get('drift_in_margins', math.nan):.2f} margins of loss)")
 
+        band = basis.band
         rungs = rec_mod.rung_bands(self.table.frame(), band)
         if self.config.budget.early_stop_at:
             self.log("early stop: " + (", ".join(f"after {n} samples {b.metric} {b.mean:.4f} ± {b.tolerance:.4f}"
@@ -299,7 +326,7 @@ class Study:
                      + f"; a trial more than {self.config.budget.early_stop_bands:g} bands worse stops there")
         started = time.time()
         search.run_search(self.config, survivors, known, self.storage,
-                          evaluate=functools.partial(rec_mod.score_outcome, band=band),
+                          evaluate=functools.partial(rec_mod.score_trial, basis=basis),
                           on_result=on_result, previous=previous, num_trials=remaining,
                           rung_bands={n: dataclasses.asdict(b) for n, b in rungs.items()})
         self.timings["search"] = time.time() - started
@@ -308,14 +335,19 @@ class Study:
 
     def run(self) -> dict[str, Any]:
         # the URI the study logs to: `sync` must reach the same server later
-        self.table.upsert("study", {"kind": "study", "started_at": _now(), "tracking_uri": self.tracking_uri})
+        self.table.upsert("study", {"kind": "study", "started_at": _now(), "tracking_uri": self.tracking_uri,
+                                    "ray_session_dir": search.session_dir()})
         started = time.time()
         try:
             self.sync()  # a resumed study first logs what an unreachable server missed
             settings = self.candidates()
             known = self.profile(settings)
-            band = self.references()
-            self.quality_search(settings, known, band)
+            interrupts.pause_point("between-stages")
+            interrupts.check()
+            basis = self.references()
+            interrupts.check()
+            self.quality_search(settings, known, basis)
+            interrupts.check()
             result = self.finish(time.time() - started)
         except BaseException:
             self._finish_parent("FAILED")
@@ -337,23 +369,27 @@ class Study:
             self.log(f"warning: {pending} rows are not in MLflow yet: run `python -m orchestrator sync "
                      f"--output {self.output}` when {self.tracking_uri} answers")
         frame = self.table.frame()
-        rec = rec_mod.recommend(frame, model=self.model_name, preset=cfg.model.preset, metric=cfg.quality.metric,
-                                band_multiplier=cfg.quality.band_multiplier, reference=cfg.reference)
-        rec["study"] = {"experiment": cfg.experiment, "machine": machine_description(),
+        rec = rec_mod.recommend(frame, model=self.model_name, preset=cfg.model.preset, quality=cfg.quality,
+                                reference=cfg.reference, torch_default=cfg.torch_default)
+        machine = (self.table.get("study") or {}).get("machine") or machine_description()
+        rec["study"] = {"experiment": cfg.experiment, "machine": machine,
                         "resolution": f"{cfg.data.height}x{cfg.data.width}",
                         "reference_batch_size": cfg.reference.batch_size,
                         "wall_seconds": wall_seconds, "stage_seconds": self.timings,
                         "mlflow_parent_run": (self.table.get("study") or {}).get("study_run_id"),
                         "tracking_uri": self.tracking_uri}
         rec_path = rec_mod.write_recommendation(rec, self.output)
+        interrupts.pause_point("report")
         report = report_mod.write_report(rec, frame, self.output, tracking_uri=self.tracking_uri,
-                                         machine=machine_description())
+                                         machine=machine)
         try:
-            self.tracker().log_study_artifacts([rec_path, report, self.table.path, self.output / "report_images"],
-                                               {"wall_seconds": wall_seconds,
-                                                "recommended_speedup": float(rec["recommended"]["speedup"])})
+            tracker = self.tracker()
+            tracker.log_study_artifacts([rec_path, report, self.table.path, self.output / "report_images"],
+                                        {"time/wall_seconds": wall_seconds,
+                                         "recommended_speedup": float(rec["recommended"]["speedup"])})
+            tracker.log_figures({p.stem: p for p in sorted((self.output / "report_images").glob("*.png"))})
         except Exception as error:  # noqa: BLE001
             self.log(f"warning: MLflow artifact logging failed ({error})")
         rec["paths"] = {"recommendation": str(rec_path), "report": str(report), "results": str(self.table.path)}
-        rec["table"] = report_mod.results_table_text(frame, rec_mod.Band(**rec["noise_band"]))
+        rec["table"] = report_mod.results_table_text(frame, rec)
         return rec

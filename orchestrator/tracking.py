@@ -3,6 +3,12 @@
 Everything is logged from the driver (many Ray workers writing one sqlite file would lock it), via
 ``MlflowClient`` so no global "active run" state leaks between studies. A row's MLflow run id is
 kept in the results table: logging the same row again updates its run instead of duplicating it.
+
+What people look at: runs carry their real start and end times (from the row, not from when the
+driver logged them); the quality metric is a step metric (step = training samples seen, timestamp
+= when it was measured), so MLflow's chart view overlays fp32 and AMP curves; bookkeeping
+(``*_seconds``) and precision counters are grouped under ``time/`` and ``precision/`` apart from the
+results; the study's plots and sample grids are images on the parent run.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import math
 import numbers
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +58,23 @@ def resolve_tracking_uri(cli_value: str | None, config_value: str | None, output
     return uri
 
 
+def _ms(epoch_seconds: Any) -> int:
+    """Milliseconds since the epoch, for MLflow (now when not known)."""
+    if isinstance(epoch_seconds, (int, float)) and math.isfinite(epoch_seconds) and epoch_seconds > 0:
+        return int(epoch_seconds * 1000)
+    return int(time.time() * 1000)
+
+
+def metric_name(column: str) -> str:
+    """Results first, bookkeeping apart: ``*_seconds`` under ``time/``, precision counters under
+    ``precision/``."""
+    if column.endswith("_seconds"):
+        return f"time/{column}"
+    if column.startswith("precision_"):
+        return f"precision/{column.removeprefix('precision_')}"
+    return column
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
         """``artifact_location``: where a new experiment keeps its artifacts (for a local sqlite
@@ -80,7 +104,7 @@ class Tracker:
         run_id = row.get("mlflow_run_id")
         if run_id:
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=name,
+        run = self.client.create_run(self.experiment_id, run_name=name, start_time=_ms(row.get("start_time")),
                                      tags={PARENT_TAG: self.parent_id, "amp.kind": str(row.get("kind", "")),
                                            "amp.row_id": str(row["row_id"])})
         self._log_params(run.info.run_id, params)
@@ -90,8 +114,10 @@ class Tracker:
         """Metrics, status tag, the row itself (``row.json``: what ``report`` rebuilds from) and
         artifacts; then mark the run finished."""
         self.client.set_tag(run_id, "status", str(row.get("status", "")))
-        metrics = {k: float(v) for k, v in row.items()
-                   if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)}
+        curve = self._log_curve(run_id, row)
+        metrics = {metric_name(k): float(v) for k, v in row.items()
+                   if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                   and k not in ("start_time", "end_time") and k not in curve}
         self._log_metrics(run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "row.json"
@@ -100,7 +126,46 @@ class Tracker:
         for path in artifacts:
             if path and Path(path).exists():
                 self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, status="FAILED" if row.get("status") == "error" else "FINISHED")
+        self.client.set_terminated(run_id, status="FAILED" if row.get("status") == "error" else "FINISHED",
+                                   end_time=_ms(row.get("end_time")))
+
+    def _log_curve(self, run_id: str, row: dict[str, Any]) -> set[str]:
+        """Quality at every measured point as a step metric (step = samples, timestamp = measured);
+        returns the metric names logged this way."""
+        curve: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        results = row.get("seed_results")
+        per_seed = list(json.loads(results).values()) if isinstance(results, str) and results else [row]
+        samples_final = row.get("samples")
+        for result in per_seed:
+            if result.get("status", "ok") != "ok":
+                continue
+            rungs = result.get("rung_quality")
+            rungs = json.loads(rungs) if isinstance(rungs, str) and rungs else (rungs or {})
+            for samples, metrics in rungs.items():
+                for key, value in metrics.items():
+                    if key.startswith("quality_") and isinstance(value, (int, float)) and math.isfinite(value):
+                        curve.setdefault((key, int(samples)), []).append((float(value), float(metrics.get("at", 0))))
+            if isinstance(samples_final, (int, float)):
+                for key, value in result.items():
+                    if key.startswith("quality_") and isinstance(value, (int, float)) and math.isfinite(value):
+                        at = float(result.get("end_time") or 0)
+                        curve.setdefault((key, int(samples_final)), []).append((float(value), at))
+        batch = [mlflow.entities.Metric(key, sum(v for v, _ in values) / len(values),
+                                        _ms(max(at for _, at in values)) or _ms(None), step)
+                 for (key, step), values in sorted(curve.items(), key=lambda item: item[0][1])]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i:i + 500])
+        return {key for key, _ in curve}
+
+    def log_figures(self, images: dict[str, Path]) -> None:
+        """The report's plots and sample grids as images of the parent run (the UI shows them as
+        pictures; inside report.md's preview they are only links)."""
+        from PIL import Image
+
+        for name, path in images.items():
+            if path and Path(path).exists():
+                with Image.open(path) as image:
+                    self.client.log_image(self.parent_id, image.convert("RGB"), artifact_file=f"figures/{name}.png")
 
     def log_study_artifacts(self, paths: list[Path], metrics: dict[str, float] | None = None) -> None:
         for path in paths:
@@ -132,9 +197,7 @@ class Tracker:
             self.client.log_batch(run_id, params=batch[i:i + 100])
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        import time
-
-        now = int(time.time() * 1000)
+        now = _ms(None)
         batch = [mlflow.entities.Metric(k, v, now, 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[i:i + 500])

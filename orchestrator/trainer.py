@@ -26,10 +26,13 @@ from models.base import Batch, GANModel, Nets
 from orchestrator import affinity as cpu_affinity
 from models import fusion
 from orchestrator.config import DataConfig
-from orchestrator.precision import Diverged, PrecisionPolicy
+from orchestrator.precision import PrecisionPolicy
 from orchestrator.settings import Setting
 
 CHECKPOINT_FILE = "trainer.pt"
+
+
+DEFAULT_LOG_EVERY = 50  # steps between host reads of losses and divergence counters
 
 
 @dataclass
@@ -40,7 +43,8 @@ class RunRecord:
     reason: str = ""
     steps: int = 0
     step_times: list[float] = field(default_factory=list)  # seconds per step, after warm-up
-    losses: list[dict[str, float]] = field(default_factory=list)  # per step
+    losses: list[dict[str, float]] = field(default_factory=list)  # per step, read every log_every steps
+    host_reads: int = 0  # times this run waited to read values off the device
 
     @property
     def seconds(self) -> float:
@@ -64,6 +68,42 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued device work so wall-clock step times are true (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Per-step times without waiting for the device between steps.
+
+    CUDA: an event pair around each step in the stream, resolved after one synchronisation at the
+    end of the block (``times``). CPU: the wall clock around each step (CPU work is synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pairs: list = []
+        self._start = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self, keep: bool) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            if keep:
+                self._pairs.append((self._start, end))
+        elif keep:
+            self._pairs.append((self._start, time.perf_counter()))
+
+    def times(self) -> list[float]:
+        """Seconds per kept step (CUDA: waits for the last event)."""
+        if self.cuda:
+            if self._pairs:
+                self._pairs[-1][1].synchronize()
+            return [start.elapsed_time(end) / 1000.0 for start, end in self._pairs]
+        return [end - start for start, end in self._pairs]
 
 
 def _wrap_ddp(module: nn.Module) -> nn.Module:
@@ -115,8 +155,12 @@ class Trainer:
         seed: int = 0,
         device: torch.device | str | None = None,
         prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+        log_every: int = DEFAULT_LOG_EVERY,
     ):
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.model, self.setting, self.seed = model, setting, seed
+        self.log_every = log_every
         self.device = torch.device(device) if device is not None else default_device()
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
@@ -133,8 +177,8 @@ class Trainer:
         self.policy = PrecisionPolicy(
             setting.opt_level, setting.dtype, device_type=self.device.type,
             loss_names=tuple(nets.named()), tf32=setting.flags.tf32,
-            # a full pass over the weights every step costs a few % on small models; bad weights
-            # also show up as non-finite losses on the next step, so every 10th is enough
+            # a pass over the weights every step costs a few % on small models; bad weights also
+            # show up as non-finite losses on the next step, so every 10th is enough
             param_check_interval=10,
         )
         memory_format = torch.channels_last if setting.flags.channels_last else torch.contiguous_format
@@ -206,79 +250,99 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """One D step (if the model has a discriminator) then one G step."""
-        logs: dict[str, float] = {}
-        diverged: Diverged | None = None
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One D step (if the model has a discriminator) then one G step. Never waits for the
+        device: the returned logs are device tensors (``run`` reads them every ``log_every`` steps)."""
+        logs: dict[str, torch.Tensor] = {}
         for name in self.nets.named():
             optimizer = self.optimizers[name]
             optimizer.zero_grad(set_to_none=True)  # drop grads another phase left on this network
             with self.policy.autocast():
                 loss, phase_logs = self.losses[name](self.nets, batch)
-            try:
-                applied = self.policy.step(name, loss, optimizer)
-            except Diverged as error:
-                # finish the step's remaining phases: under DDP every rank must run the same
-                # backward passes (collectives), or the healthy ranks would wait forever
-                diverged, applied = error, False
-            logs[f"loss_{name}"] = float(loss.detach().float())
-            logs[f"skipped_{name}"] = float(not applied)
+            # every rank runs every phase's backward (DDP collectives), diverged or not: divergence
+            # is read and agreed on every log_every steps
+            skipped = self.policy.step(name, loss, optimizer)
+            logs[f"loss_{name}"] = loss.detach()
+            logs[f"skipped_{name}"] = skipped
             logs.update(phase_logs)
         self.step += 1
-        if diverged is not None:
-            raise diverged
         return logs
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True if ``flag`` is set on any rank (so all ranks stop together)."""
-        if self.world_size == 1:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
-
     def run(self, steps: int, warmup: int = 0,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> RunRecord:
-        """Train ``warmup + steps`` steps; time the last ``steps`` with device synchronisation.
+            on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> RunRecord:
+        """Train ``warmup + steps`` steps; time the last ``steps``.
 
-        Divergence and out-of-memory end the run early with that status instead of raising, so a
-        caller can record them and go on. With the affinity flag the process is pinned meanwhile."""
+        The device is waited for only every ``log_every`` steps and at the end (one batched read of
+        every step's logs and the precision policy's divergence counters; under DDP the ranks agree
+        on divergence there). Step times come from CUDA events (wall clock on CPU). Divergence and
+        out-of-memory end the run early with that status instead of raising, so a caller can
+        record them and go on. ``on_step(step, logs)`` gets each step's logs as device tensors.
+        With the affinity flag the process is pinned meanwhile."""
         with cpu_affinity.pinned(self.affinity):
             return self._run(steps, warmup, on_step)
 
     def _run(self, steps: int, warmup: int,
-             on_step: Callable[[int, dict[str, float]], None] | None) -> RunRecord:
+             on_step: Callable[[int, dict[str, torch.Tensor]], None] | None) -> RunRecord:
         record = RunRecord()
         for net in self.nets.named().values():
             net.train()
-        for i in range(warmup + steps):
-            diverged = ""
+        timer = StepTimer(self.device)
+        pending: list[dict[str, torch.Tensor]] = []
+        total = warmup + steps
+        for i in range(total):
             try:
                 batch = self._next_batch()
-                synchronize(self.device)
-                start = time.perf_counter()
+                timer.start()
                 logs = self.train_step(batch)
-                synchronize(self.device)
-                elapsed = time.perf_counter() - start
-            except Diverged as error:
-                diverged = str(error)
+                timer.stop(keep=i >= warmup)
             except Exception as error:  # noqa: BLE001 - only OOM is recoverable, the rest re-raises
                 if not is_oom(error):
                     raise
                 record.status, record.reason = "oom", str(error).splitlines()[0]
                 self._release_memory()
                 break
-            if self._any_rank(bool(diverged)):
-                record.status = "diverged"
-                record.reason = diverged or "diverged on another worker"
-                break
+            pending.append(logs)
             record.steps += 1
-            record.losses.append(logs)
-            if i >= warmup:
-                record.step_times.append(elapsed)
             if on_step is not None:
                 on_step(self.step, logs)
+            if len(pending) >= self.log_every or i == total - 1:
+                problem = self._read_back(pending, record)
+                pending = []
+                if problem:
+                    record.status, record.reason = "diverged", problem
+                    break
+        if pending and record.status == "oom":
+            self._read_back(pending, record)
+        record.step_times = timer.times()[: max(0, record.steps - warmup)]
         return record
+
+    def _read_back(self, pending: list[dict[str, torch.Tensor]], record: RunRecord) -> str:
+        """Read the pending steps' logs and the divergence counters in one transfer; returns why
+        training diverged (on this rank or another), or ""."""
+        tensors: list[torch.Tensor] = []
+        for logs in pending:
+            tensors += [v.detach().float().reshape(()) for v in logs.values() if torch.is_tensor(v)]
+        health = self.policy.health(self.device)
+        diverged = health[:1].clone()
+        if self.world_size > 1:
+            dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
+        values = torch.cat([torch.stack(tensors).to(self.device) if tensors else health[:0], health,
+                            diverged]).tolist()
+        record.host_reads += 1
+        at = 0
+        for logs in pending:
+            host: dict[str, float] = {}
+            for key, value in logs.items():
+                if torch.is_tensor(value):
+                    host[key] = values[at]
+                    at += 1
+                else:
+                    host[key] = float(value)
+            record.losses.append(host)
+        problem = self.policy.judge(values[at:-1])
+        if problem is not None:
+            return str(problem)
+        return "diverged on another worker" if values[-1] > 0 else ""
 
     def _release_memory(self) -> None:
         self._batches = None

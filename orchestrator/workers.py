@@ -20,11 +20,13 @@ import ray.train.torch
 import torch
 
 from models.base import load_model
+from orchestrator import interrupts
 from orchestrator.config import StudyConfig
 from orchestrator.measure import paired_profile
 from orchestrator.memory import peak_memory_mib
 from orchestrator.quality import QualityMeter
 from orchestrator.recommend import Band, stops_early
+from orchestrator.schedule import Pause, training_schedule
 from orchestrator.settings import Setting
 from orchestrator.trainer import Trainer, is_oom
 
@@ -131,10 +133,17 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
     if "reference" not in done:
         done["reference"] = memory(study.reference)
     reference = _trainer(study, study.reference, study.seed)
+    # PyTorch's default fp32 first (when it is in the grid): its speedup is a second threshold every
+    # other setting's interval must decide against (faster than what the user runs today, or not)
+    settings = sorted(settings, key=lambda s: s != study.torch_default)
     for index, setting in enumerate(settings):
         key = setting.key()
         if key in done:
             continue
+        decide = (1.0,)
+        default_done = done.get(study.torch_default.key(), {})
+        if setting != study.torch_default and math.isfinite(default_done.get("speedup", math.nan)):
+            decide = (1.0, float(default_done["speedup"]))
         started = time.time()
         try:
             candidate = _trainer(study, setting, study.seed)
@@ -144,8 +153,8 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
         else:
             built = time.time()
             result = paired_profile(reference, candidate, steps=budget.profile_steps,
-                                    rounds=budget.profile_rounds, warmup=budget.profile_warmup,
-                                    slower_than=1.0)
+                                    rounds=budget.profile_rounds, max_rounds=budget.profile_max_rounds,
+                                    warmup=budget.profile_warmup, slower_than=1.0, decide=decide)
             stepped = time.time()
             done[key] = {**result.as_dict(), "build_seconds": built - started,
                          "profile_step_seconds": stepped - built,  # quality training adds its step_seconds
@@ -155,11 +164,12 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
             if result.status in ("ok", "slower"):
                 done[key].update(memory(setting))
                 done[key]["memory_seconds"] = time.time() - stepped
-        done[key]["profile_seconds"] = time.time() - started
+        done[key].update(profile_seconds=time.time() - started, start_time=started, end_time=time.time())
         _report({"profiled": len(done) - 1, "of": len(settings)}, {"done": done})
         if _rank() == 0:
             print(f"[profile] {index + 1}/{len(settings)} {setting.label()}: {done[key].get('status')} "
                   f"speedup={done[key].get('speedup', math.nan):.3f}", flush=True)
+        interrupts.pause_point("stage1")
     return done
 
 
@@ -195,20 +205,103 @@ def evaluate_midway(trainer: Trainer, study: StudyConfig) -> dict[str, float]:
         return evaluate(trainer, study)
 
 
+def _skipped_steps(record) -> int:
+    return int(sum(v for logs in record.losses for k, v in logs.items() if k.startswith("skipped_")))
+
+
+class SeedRun:
+    """One seed of one setting trained for the quality budget: walks the schedule's pauses, measures
+    quality where it says, stops early where the references show the setting clearly worse, and
+    checkpoints what it did so a restarted worker continues exactly there."""
+
+    def __init__(self, study: StudyConfig, setting: Setting, seed: int, rung_bands: dict[int, Band],
+                 stop_bands: float | None, progress: dict[str, Any]):
+        self.study, self.setting, self.seed = study, setting, seed
+        self.rung_bands, self.stop_bands = rung_bands, stop_bands
+        self.trainer = _trainer(study, setting, seed)
+        mine = progress.get("current_seed") == seed
+        self.curve: list[list[float]] = progress.get("curve", []) if mine else []
+        self.rung_quality: dict[str, dict[str, float]] = progress.get("rung_quality", {}) if mine else {}
+        self.skipped: int = progress.get("skipped", 0) if mine else 0
+        self.train_seconds: float = progress.get("train_seconds", 0.0) if mine else 0.0
+        self.started_at: float = progress.get("start_time", time.time()) if mine else time.time()
+        self.step_times: list[float] = []
+        self.resumed_from = 0
+
+    def resume(self, directory: Path) -> None:
+        self.trainer.load(directory)
+        self.resumed_from = self.trainer.step
+        if _rank() == 0:
+            print(f"[quality] {self.setting.label()} seed {self.seed}: resumed from the checkpoint at step "
+                  f"{self.trainer.step}", flush=True)
+
+    def progress(self, finished: dict[str, Any]) -> dict[str, Any]:
+        return {"finished": finished, "current_seed": self.seed, "curve": self.curve, "skipped": self.skipped,
+                "rung_quality": self.rung_quality, "train_seconds": self.train_seconds,
+                "start_time": self.started_at}
+
+    def train_to(self, pause: Pause) -> tuple[str, str]:
+        """Train up to ``pause``; (status, reason) of the run so far."""
+        started = time.time()
+        record = self.trainer.run(pause.step - self.trainer.step)
+        self.train_seconds += time.time() - started
+        self.step_times += record.step_times
+        self.skipped += _skipped_steps(record)
+        if record.losses:
+            means = {k: float(np.mean([logs[k] for logs in record.losses])) for k in record.losses[0]}
+            self.curve.append([self.trainer.step, means.get("loss_generator", math.nan),
+                               means.get("loss_discriminator", math.nan)])
+        return record.status, record.reason
+
+    def measure(self, pause: Pause) -> dict[str, float]:
+        """Quality part-way (a curve point), with the training time it took to get there."""
+        key = str(pause.samples)
+        if key not in self.rung_quality:
+            self.rung_quality[key] = {**evaluate_midway(self.trainer, self.study),
+                                      "train_seconds": self.train_seconds, "at": time.time()}
+        return self.rung_quality[key]
+
+    def stops_here(self, pause: Pause, measured: dict[str, float]) -> dict[str, Any] | None:
+        band = self.rung_bands.get(pause.samples)
+        if not (pause.may_stop and band is not None and self.stop_bands):
+            return None
+        verdict = stops_early(measured, band, self.stop_bands)
+        if verdict is None:
+            return None
+        reason = (f"early stop after {pause.samples} of {self.study.budget.train_samples} samples: {band.metric} "
+                  f"drift {verdict['drift']:+.4f} is {verdict['drift_in_bands']:.1f} bands on the harmful side of "
+                  f"the fp32 references at the same point (limit {self.stop_bands:g})")
+        return {**measured, **verdict, "stopped_at_samples": pause.samples, "reason": reason}
+
+    def result(self, status: str, reason: str, early: dict[str, Any]) -> dict[str, Any]:
+        trainer, per_step = self.trainer, self.setting.batch_size * self.trainer.world_size
+        times = self.step_times
+        return {
+            "status": status, "reason": reason, "seed": self.seed, "steps": trainer.step,
+            "samples": trainer.samples_seen, "train_seconds": self.train_seconds, "step_seconds": self.train_seconds,
+            "start_time": self.started_at, "skipped_steps": self.skipped, "curve": self.curve,
+            "resumed_from_step": self.resumed_from, "world_size": trainer.world_size,
+            "worker_nodes": _worker_nodes(), "rung_quality": json.dumps(self.rung_quality),
+            "throughput": (len(times) * per_step / sum(times)) if times else math.nan,
+            **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},
+            **{f"speed_{k}": v for k, v in trainer.speed_info.items()},
+            **early,  # a stopped seed's quality is the one measured where it stopped
+        }
+
+
 def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Train one setting for the quality budget, once per seed, and measure its quality.
 
-    ``config["rungs"]``: sample counts at which quality is also measured part-way (recorded as
-    ``rung_quality``); with ``config["rung_bands"]`` ({samples: Band fields}, the references'
-    quality there) a seed whose drift at a rung is more than ``config["stop_bands"]`` bands
-    harmful stops with status "stopped"."""
+    The pauses come from ``orchestrator.schedule.training_schedule``: quality is measured at every
+    curve point and early-stop rung (recorded as ``rung_quality`` with the training seconds spent
+    by then); with ``config["rung_bands"]`` ({samples: Band fields}, the references' quality there)
+    a seed whose drift at a rung is more than ``config["stop_bands"]`` bands harmful stops with
+    status "stopped"."""
     _quiet_ray_train()
     study = StudyConfig.model_validate(config["study"])
     setting = Setting.model_validate(config["setting"])
     seeds: list[int] = config["seeds"]
-    rungs: list[int] = [int(s) for s in config.get("rungs", [])]
     rung_bands = {int(k): Band(**v) for k, v in (config.get("rung_bands") or {}).items()}
-    stop_bands = config.get("stop_bands")
     budget = study.budget
     progress, restored_dir = _restore_progress()
     finished: dict[str, Any] = progress.get("finished", {})
@@ -217,81 +310,42 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
     for seed in seeds:
         if str(seed) in finished:
             continue
-        trainer = _trainer(study, setting, seed)
-        curve: list[list[float]] = []
-        rung_quality: dict[str, dict[str, float]] = {}
-        resumed_from = 0
+        run = SeedRun(study, setting, seed, rung_bands, config.get("stop_bands"), progress)
         if progress.get("current_seed") == seed and restored_dir is not None:
-            trainer.load(restored_dir)
-            curve = progress.get("curve", [])
-            rung_quality = progress.get("rung_quality", {})
-            resumed_from = trainer.step
-            if _rank() == 0:
-                print(f"[quality] {setting.label()} seed {seed}: resumed from the checkpoint at step {trainer.step}",
-                      flush=True)
-        per_step = setting.batch_size * trainer.world_size
-        total_steps = max(1, math.ceil(budget.train_samples / per_step))
-        # the step at which each rung's sample count is reached
-        rung_at = {math.ceil(samples / per_step): samples for samples in rungs}
-        rung_at = {step: samples for step, samples in rung_at.items() if 0 < step < total_steps}
-        status, reason, step_times, skipped = "ok", "", [], progress.get("skipped", 0)
-        early: dict[str, Any] = {}
-        started = time.time()
-        step_seconds = 0.0
-        while trainer.step < total_steps:
-            next_stop = min([s for s in rung_at if s > trainer.step] + [total_steps])
-            run_started = time.time()
-            record = trainer.run(min(budget.checkpoint_every, next_stop - trainer.step))
-            step_seconds += time.time() - run_started
-            step_times += record.step_times
-            skipped += int(sum(v for logs in record.losses for k, v in logs.items() if k.startswith("skipped_")))
-            if record.losses:
-                means = {k: float(np.mean([l[k] for l in record.losses])) for k in record.losses[0]}
-                curve.append([trainer.step, means.get("loss_generator", math.nan),
-                              means.get("loss_discriminator", math.nan)])
-            if record.status != "ok":
-                status, reason = record.status, record.reason
+            run.resume(restored_dir)
+        schedule = training_schedule(train_samples=budget.train_samples,
+                                     per_step=setting.batch_size * run.trainer.world_size,
+                                     checkpoint_every=budget.checkpoint_every,
+                                     measure_samples=config.get("rungs", []), stop_samples=config.get("stops", []))
+        status, reason, early = "ok", "", {}
+        for pause in schedule:
+            if pause.step <= run.trainer.step and not pause.final:
+                continue  # done before a restart
+            status, reason = run.train_to(pause)
+            if status != "ok" or pause.final:
                 break
-            samples = rung_at.get(trainer.step)
-            if samples is not None and str(samples) not in rung_quality:
-                rung_quality[str(samples)] = measured = evaluate_midway(trainer, study)
-                band = rung_bands.get(samples)
-                verdict = stops_early(measured, band, stop_bands) if band is not None and stop_bands else None
-                if verdict is not None:
-                    status = "stopped"
-                    reason = (f"early stop after {samples} of {budget.train_samples} samples: {band.metric} drift "
-                              f"{verdict['drift']:+.4f} is {verdict['drift_in_bands']:.1f} bands on the harmful "
-                              f"side of the fp32 references at the same point (limit {stop_bands:g})")
-                    early = {**measured, **verdict, "stopped_at_samples": samples}
+            if pause.measure:
+                early = run.stops_here(pause, run.measure(pause)) or {}
+                if early:
+                    status, reason = "stopped", early.pop("reason")
                     break
-            if trainer.step < total_steps:
-                _report({"seed": seed, "step": trainer.step},
-                        {**progress, "finished": finished, "current_seed": seed, "curve": curve,
-                         "skipped": skipped, "rung_quality": rung_quality}, trainer)
-        result: dict[str, Any] = {
-            "status": status, "reason": reason, "seed": seed, "steps": trainer.step,
-            "samples": trainer.samples_seen, "train_seconds": time.time() - started,
-            "skipped_steps": skipped, "curve": curve, "resumed_from_step": resumed_from,
-            "world_size": trainer.world_size, "worker_nodes": _worker_nodes(),
-            "rung_quality": json.dumps(rung_quality),
-            "throughput": (len(step_times) * per_step / sum(step_times)) if step_times else math.nan,
-            **{f"precision_{k}": v for k, v in trainer.policy.stats().items()},
-            **{f"speed_{k}": v for k, v in trainer.speed_info.items()},
-            **early,  # a stopped seed's quality is the one measured where it stopped
-        }
-        result["step_seconds"] = step_seconds
+            if pause.checkpoint:
+                _report({"seed": seed, "step": run.trainer.step}, run.progress(finished), run.trainer)
+                interrupts.pause_point("references" if setting == study.reference else "stage2")
+        result = run.result(status, reason, early)
         if status == "ok":
             eval_started = time.time()
-            result.update(evaluate(trainer, study, grid if seed == seeds[0] else None))
+            result.update(evaluate(run.trainer, study, grid if seed == seeds[0] else None))
             result["eval_seconds"] = time.time() - eval_started
             if not all(math.isfinite(v) for k, v in result.items() if k.startswith("quality_") and k != "quality_psnr"):
                 result["status"], result["reason"] = "diverged", "non-finite quality metrics"
+        result["end_time"] = time.time()
         finished[str(seed)] = result
         progress = {"finished": finished}
         _report({"seed": seed, "done": len(finished)}, progress, extra_files={SAMPLES_FILE: grid})
         if _rank() == 0:
             q = result.get(f"quality_{study.quality.metric}", math.nan)
-            print(f"[quality] {setting.label()} seed {seed}: {status} {study.quality.metric}={q:.4f}"
+            print(f"[quality] {setting.label()} seed {seed}: {result['status']} {study.quality.metric}={q:.4f}"
                   + (f" ({reason})" if status == "stopped" else ""), flush=True)
-        del trainer
+        del run
     return finished

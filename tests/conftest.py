@@ -17,7 +17,7 @@ TINY_STUDY = {
     "data": {"height": 32, "width": 32, "train_samples": 16, "val_samples": 8},
     "search": {"opt_level": ["O0", "O1"], "dtype": ["bf16"], "batch_size": [2, 4]},
     "reference_batch_size": 2,
-    "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "train_samples": 16,
+    "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "profile_max_rounds": 2, "train_samples": 16,
                "reference_seeds": 2, "max_trials": 2, "checkpoint_every": 4},
 }
 

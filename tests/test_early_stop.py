@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from orchestrator.config import BudgetConfig, parse_config
+from orchestrator.config import QualityConfig
 from orchestrator.recommend import Band, recommend, rung_bands, score_outcome, stops_early
 from orchestrator.settings import Setting
 from tests.test_recommend import REFERENCE, candidate, reference_rows
@@ -26,9 +27,11 @@ def with_rungs(rows, rungs):
 
 
 def test_rungs_are_fractions_of_the_quality_budget():
-    assert BudgetConfig(train_samples=128).rung_samples() == [64]
-    assert BudgetConfig(train_samples=128, early_stop_at=[0.5, 0.25, 0.5]).rung_samples() == [32, 64]
-    assert BudgetConfig(train_samples=128, early_stop_at=[]).rung_samples() == []
+    assert BudgetConfig(train_samples=128).stop_samples() == [64]
+    assert BudgetConfig(train_samples=128).rung_samples() == [32, 64, 96]  # the curve points too
+    budget = BudgetConfig(train_samples=128, early_stop_at=[0.5, 0.25, 0.5], quality_at=[])
+    assert budget.rung_samples() == budget.stop_samples() == [32, 64]
+    assert BudgetConfig(train_samples=128, early_stop_at=[], quality_at=[]).rung_samples() == []
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         BudgetConfig(early_stop_at=[1.0])
 
@@ -59,7 +62,7 @@ def test_a_stopped_trial_keeps_the_drift_it_stopped_with_and_is_never_recommende
     stopped = {**candidate(fast, 2.0, 1.9, 2.1, ssim=0.10, status="stopped"),
                "drift": -0.25, "drift_in_bands": 5.0}
     assert score_outcome(stopped, FINAL) == {"drift": -0.25, "drift_in_bands": 5.0, "inside_band": 0.0}
-    rec = recommend(pd.DataFrame(reference_rows() + [stopped]), model="m", preset="tiny", metric="ssim",
+    rec = recommend(pd.DataFrame(reference_rows() + [stopped]), model="m", preset="tiny", quality=QualityConfig(metric="ssim"),
                     reference=REFERENCE)
     assert rec["recommended"]["label"] == REFERENCE.label() and "keep fp32" in rec["recommended"]["verdict"]
 

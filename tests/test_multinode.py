@@ -30,7 +30,7 @@ STUDY = {
     "data": {"height": 16, "width": 16, "train_samples": 16, "val_samples": 8},
     "search": {"opt_level": ["O1"], "dtype": ["bf16"], "batch_size": [2]},
     "reference_batch_size": 2,
-    "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "train_samples": 16,
+    "budget": {"profile_warmup": 1, "profile_steps": 2, "profile_rounds": 2, "profile_max_rounds": 2, "train_samples": 16,
                "reference_seeds": 2, "max_trials": 1, "checkpoint_every": 2,
                # on a CPU bf16 may time as slower than fp32: train it anyway, the trial is the point
                "keep_slower": True},

@@ -60,6 +60,11 @@ def same(a, b):
     return len(a) == len(b) and all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+def applied(policy, name, loss, opt) -> bool:
+    """One ``policy.step``, then read whether its update was applied (tests may wait for the device)."""
+    return not bool(policy.step(name, loss, opt))
+
+
 def inject_inf(net):
     """Make the next backward give the conv weight an infinite gradient (a forced overflow)."""
     return net.conv.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
@@ -150,9 +155,9 @@ def test_one_independent_scaler_per_loss(level, fused):
 
     handle = inject_inf(nets["discriminator"])
     d_loss = loss_of(policy, nets["discriminator"], x, y)
-    d_applied = policy.step("discriminator", d_loss, opts["discriminator"])
+    d_applied = applied(policy, "discriminator", d_loss, opts["discriminator"])
     handle.remove()
-    g_applied = policy.step("generator", loss_of(policy, nets["generator"], x, y), opts["generator"])
+    g_applied = applied(policy, "generator", loss_of(policy, nets["generator"], x, y), opts["generator"])
 
     assert (d_applied, g_applied) == (False, True)
     stats = policy.stats()
@@ -236,30 +241,50 @@ def test_fused_request_falls_back_to_foreach_when_unsupported():
 
 @pytest.mark.parametrize("level,dtype", ALL)
 def test_persistent_nan_loss_diverges_after_patience_without_touching_weights(level, dtype):
+    """The fused optimizer skips a non-finite update on the device, with or without a scaler."""
     policy, nets = make(level, dtype, nonfinite_patience=3)
     net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype])
+    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype], fused=True)
     x, y = data()
     before = snapshot(net)
     for _ in range(2):
-        assert policy.step("net", loss_of(policy, net, x, y) * float("nan"), opt) is False
+        assert applied(policy, "net", loss_of(policy, net, x, y) * float("nan"), opt) is False
+    policy.check()  # 2 bad steps: not diverged yet
+    # divergence is recorded on the device at step 3 and only raised when read
+    policy.step("net", loss_of(policy, net, x, y) * float("nan"), opt)
+    assert same(before, snapshot(net))
+    policy.step("net", loss_of(policy, net, x, y), opt)
     with pytest.raises(Diverged) as info:
-        policy.step("net", loss_of(policy, net, x, y) * float("nan"), opt)
+        policy.check()
     assert info.value.step == 3 and info.value.loss_name == "net"
     assert "non-finite net loss for 3 consecutive steps" in info.value.reason
-    assert same(before, snapshot(net))
     assert policy.stats()["nonfinite_net"] == 3 and policy.stats()["skipped_net"] == 3
+
+
+@pytest.mark.parametrize("level,dtype", [("O0", "fp16"), ("O1", "bf16"), ("O2", "bf16")])
+def test_unscaled_nonfinite_update_without_device_skip_is_caught_by_the_weight_check(level, dtype):
+    """Without loss scaling and without a fused optimizer nothing can skip on the device: the update
+    is applied, and the weights' non-finite values are what the next check reports."""
+    policy, nets = make(level, dtype, nonfinite_patience=3, param_check_interval=1)
+    net = nets["net"]
+    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype])
+    x, y = data()
+    policy.step("net", loss_of(policy, net, x, y) * float("nan"), opt)
+    with pytest.raises(Diverged, match="non-finite net weights after the update") as info:
+        policy.check()
+    assert info.value.step == 1
 
 
 @pytest.mark.parametrize("level,dtype", ALL)
 def test_a_finite_step_resets_the_nonfinite_streak(level, dtype):
     policy, nets = make(level, dtype, nonfinite_patience=2)
     net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype])
+    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype], fused=True)
     x, y = data()
     for _ in range(3):
         policy.step("net", loss_of(policy, net, x, y) * float("nan"), opt)  # 1 bad step
         policy.step("net", loss_of(policy, net, x, y), opt)  # then a good one: never 2 in a row
+    policy.check()
     assert policy.stats()["nonfinite_net"] == 3
 
 
@@ -269,10 +294,12 @@ def test_loss_scale_collapse_diverges():
     opt = policy.make_optimizer("net", net.parameters(), lr=1e-3)
     inject_inf(net)
     x, y = data()
-    assert policy.step("net", loss_of(policy, net, x, y), opt) is False  # 2**-7
-    assert policy.step("net", loss_of(policy, net, x, y), opt) is False  # 2**-8: not below yet
+    assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False  # 2**-7
+    assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False  # 2**-8: not below yet
+    policy.check()
+    policy.step("net", loss_of(policy, net, x, y), opt)
     with pytest.raises(Diverged, match=r"scale collapsed to 2\*\*-9, below min_scale 2\*\*-8") as info:
-        policy.step("net", loss_of(policy, net, x, y), opt)
+        policy.check()
     assert info.value.step == 3
 
 
@@ -283,29 +310,33 @@ def test_single_transient_fp16_overflow_does_not_diverge(level):
     opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=1e-4)
     x, y = data()
     handle = inject_inf(net)
-    assert policy.step("net", loss_of(policy, net, x, y), opt) is False
+    assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False
     handle.remove()
     for _ in range(3):
-        assert policy.step("net", loss_of(policy, net, x, y), opt) is True
+        assert applied(policy, "net", loss_of(policy, net, x, y), opt) is True
+    policy.check()
     assert policy.stats()["skipped_net"] == 1 and policy.stats()["scale_net"] == 2.0**7
 
 
 @pytest.mark.parametrize("level,dtype", [("O0", "fp16"), ("O1", "bf16"), ("O2", "bf16"), ("O3", "bf16")])
 def test_unscaled_nonfinite_gradients_are_skipped_then_diverge(level, dtype):
+    """With a fused optimizer the skip happens on the device, also without loss scaling."""
     policy, nets = make(level, dtype, nonfinite_patience=2)
     net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3)
+    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, fused=True)
     x, y = data()
     before = snapshot(net)
     handle = inject_inf(net)
-    assert policy.step("net", loss_of(policy, net, x, y), opt) is False  # transient: skipped only
+    assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False  # transient: skipped only
     assert same(before, snapshot(net))
     handle.remove()
-    assert policy.step("net", loss_of(policy, net, x, y), opt) is True
+    assert applied(policy, "net", loss_of(policy, net, x, y), opt) is True
     inject_inf(net)
     policy.step("net", loss_of(policy, net, x, y), opt)
+    policy.check()
+    policy.step("net", loss_of(policy, net, x, y), opt)
     with pytest.raises(Diverged, match="non-finite net gradients"):
-        policy.step("net", loss_of(policy, net, x, y), opt)
+        policy.check()
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
@@ -317,8 +348,9 @@ def test_o3_fp16_default_eps_is_caught_as_diverged():
     with pytest.warns(UserWarning, match="rounds to 0 in torch.float16"):
         opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=1e-8)
     x = torch.tensor([[1.0, 0.0]], dtype=torch.float16)  # the second weight's gradient is exactly 0
+    policy.step("net", net(x).float().pow(2).sum(), opt)
     with pytest.raises(Diverged, match="non-finite net weights after the update"):
-        policy.step("net", net(x).float().pow(2).sum(), opt)
+        policy.check()
 
 
 def test_fused_adam_does_not_warn_about_eps():
@@ -371,7 +403,9 @@ def _build(level, dtype, seed, fused=False):
 ])
 def test_checkpoint_round_trip_continues_bit_exactly(level, dtype, fused):
     policy, nets, opts = _build(level, dtype, seed=0, fused=fused)
-    _train(policy, nets, opts, 3, overflow_at=(1, "discriminator"))
+    # an overflow is skipped by the scaler or a fused optimizer; an unscaled unfused update would apply it
+    overflow = (1, "discriminator") if policy.uses_scaler or fused else None
+    _train(policy, nets, opts, 3, overflow_at=overflow)
     saved = _checkpoint(policy, nets, opts)
     _train(policy, nets, opts, 3)
 
@@ -430,8 +464,9 @@ def test_unknown_loss_name_is_an_error():
 # ---------------------------------------------------------------------------------- tf32
 
 
-@pytest.mark.parametrize("tf32", [False, True])
-def test_tf32_flags_are_scoped_to_the_policy(tf32):
+@pytest.mark.parametrize("tf32,expected", [(False, (False, False)), (True, (True, True)),
+                                           ("off", (False, False)), ("on", (True, True))])
+def test_tf32_flags_are_scoped_to_the_policy(tf32, expected):
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     outside = (matmul.allow_tf32, cudnn.allow_tf32)
     policy = PrecisionPolicy("O0", tf32=tf32)
@@ -439,5 +474,21 @@ def test_tf32_flags_are_scoped_to_the_policy(tf32):
     seen = []
     with policy.autocast():
         seen.append((matmul.allow_tf32, cudnn.allow_tf32))
-    assert seen == [(tf32, tf32)]
+    assert seen == [expected]
     assert (matmul.allow_tf32, cudnn.allow_tf32) == outside
+
+
+def test_tf32_default_restores_torchs_own_flags_even_after_they_changed(monkeypatch):
+    """"default" means the flags torch set in this process, not whatever was set since."""
+    import orchestrator.precision as precision
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    monkeypatch.setitem(precision.TORCH_DEFAULT_TF32, "matmul", False)
+    monkeypatch.setitem(precision.TORCH_DEFAULT_TF32, "cudnn", True)
+    monkeypatch.setattr(matmul, "allow_tf32", True)
+    monkeypatch.setattr(cudnn, "allow_tf32", False)
+    with PrecisionPolicy("O1", "bf16", tf32="default").autocast():
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, True)
+    assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, False)
+    with pytest.raises(ValueError, match="tf32 must be"):
+        PrecisionPolicy("O0", tf32="maybe")
