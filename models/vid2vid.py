@@ -275,6 +275,21 @@ class Vid2Vid(GANModel):
             return None
         return required_frames(self.hparams["n_frames_D"], self.hparams["n_scales_temporal"])
 
+    def label_nc(self) -> int:
+        """Label channels: the built preset's, else the ``label_nc`` option, else Cityscapes' 35."""
+        return int(self.hparams["label_nc"] if self.hparams else self.options.get("label_nc", CITYSCAPES_LABEL_NC))
+
+    def clip_frames(self, data_cfg: Any, default: int) -> Any:
+        """Frames per clip: ``data_cfg.options["frames"]``, else ``default`` or the fewest the
+        temporal discriminators need when that is more; a clip shorter than they need is an error."""
+        needed = self.required_frames()
+        frames = data_cfg.options.get("frames", max(default, needed or 0))
+        if needed is not None and isinstance(frames, int) and frames < needed:
+            raise ValueError(f"data.options.frames={frames} is too short for {self.name}'s temporal discriminators "
+                             f"(n_frames_D={self.hparams['n_frames_D']}, n_scales_temporal="
+                             f"{self.hparams['n_scales_temporal']}): need >= {needed} frames")
+        return frames
+
     def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
         """Synthetic videos (``orchestrator.data.videos``). ``data_cfg.options["frames"]`` sets the
         clip length; default 4, or the fewest the temporal discriminators need when that is more."""
@@ -282,14 +297,7 @@ class Vid2Vid(GANModel):
             raise ValueError(f"vid2vid has no data kind {data_cfg.kind!r}; allowed: synthetic")
         from orchestrator.data.videos import DEFAULT_FRAMES, VideoDataset
 
-        label_nc = int(self.hparams["label_nc"] if self.hparams else self.options.get("label_nc", CITYSCAPES_LABEL_NC))
-        needed = self.required_frames()
-        frames = data_cfg.options.get("frames", max(DEFAULT_FRAMES, needed or 0))
-        if needed is not None and isinstance(frames, int) and frames < needed:
-            raise ValueError(f"data.options.frames={frames} is too short for vid2vid's temporal discriminators "
-                             f"(n_frames_D={self.hparams['n_frames_D']}, n_scales_temporal="
-                             f"{self.hparams['n_scales_temporal']}): need >= {needed} frames")
-        return VideoDataset(data_cfg, split, label_nc=label_nc, frames=frames)
+        return VideoDataset(data_cfg, split, label_nc=self.label_nc(), frames=self.clip_frames(data_cfg, DEFAULT_FRAMES))
 
     # ------------------------------------------------------------------ the sequence
 

@@ -435,13 +435,7 @@ class WCVid2Vid(Vid2Vid):
             raise ValueError(f"wc_vid2vid has no data kind {data_cfg.kind!r}; allowed: synthetic")
         from orchestrator.data.world import DEFAULT_FRAMES, WorldDataset
 
-        label_nc = int(self.hparams["label_nc"] if self.hparams else self.options.get("label_nc", CITYSCAPES_LABEL_NC))
-        needed = self.required_frames()
-        frames = data_cfg.options.get("frames", max(DEFAULT_FRAMES, needed or 0))
-        if needed is not None and isinstance(frames, int) and frames < needed:
-            raise ValueError(f"data.options.frames={frames} is too short for wc_vid2vid's temporal discriminators: "
-                             f"need >= {needed} frames")
-        return WorldDataset(data_cfg, split, label_nc=label_nc, frames=frames)
+        return WorldDataset(data_cfg, split, label_nc=self.label_nc(), frames=self.clip_frames(data_cfg, DEFAULT_FRAMES))
 
     def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
         return {"generator": {"lr": G_LR, "betas": BETAS}, "discriminator": {"lr": D_LR, "betas": BETAS}}

@@ -40,11 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
 from orchestrator.data.street import CLASSES, LABEL_NC
-from orchestrator.data.videos import one_hot
+from orchestrator.data.videos import VideoDataset, one_hot
 
 DEFAULT_FRAMES = 4
 MAX_FRAMES = 64  # frames of travel the laid-out street covers (frames beyond see its far end)
@@ -332,30 +331,21 @@ def clip_to_batch(clip: WorldClip, label_nc: int = LABEL_NC) -> dict[str, torch.
     }
 
 
-class WorldDataset(Dataset):
+class WorldDataset(VideoDataset):
     """``train`` holds ``data_cfg.train_samples`` worlds, ``val`` ``val_samples`` from another seed
     stream; ``frames`` frames each (argument, else ``data_cfg.options["frames"]``, else
-    ``DEFAULT_FRAMES``) at ``data_cfg.height x data_cfg.width``. Items are rendered on demand."""
+    ``DEFAULT_FRAMES``) at ``data_cfg.height x data_cfg.width``. Items are rendered on demand.
+    (``VideoDataset``'s checks and bookkeeping, the worlds' clips.)"""
 
     def __init__(self, data_cfg: DataConfig, split: str = "train", label_nc: int = LABEL_NC,
                  frames: int | None = None):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
-        if label_nc <= max(CLASSES.values()):
-            raise ValueError(f"label_nc {label_nc} is too small for the world data: its class ids go up to "
-                             f"{max(CLASSES.values())} (Cityscapes ids), so label_nc must be > {max(CLASSES.values())}")
         unknown = sorted(set(data_cfg.options) - {"frames"})
         if unknown:
             raise ValueError(f"world data has no option(s) {unknown}; allowed: ['frames']")
         frames = frames if frames is not None else data_cfg.options.get("frames", DEFAULT_FRAMES)
-        if not isinstance(frames, int) or isinstance(frames, bool) or not 2 <= frames <= MAX_FRAMES:
-            raise ValueError(f"data.options.frames must be an integer in 2..{MAX_FRAMES}, got {frames!r}")
-        self.split, self.label_nc, self.frames = split, label_nc, frames
-        self.seed, self.height, self.width = data_cfg.seed, data_cfg.height, data_cfg.width
-        self.length = data_cfg.train_samples if split == "train" else data_cfg.val_samples
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(data_cfg, split, label_nc=label_nc, frames=frames)
+        if self.frames > MAX_FRAMES:
+            raise ValueError(f"data.options.frames must be at most {MAX_FRAMES} (the laid-out street), got {frames}")
 
     def clip(self, index: int) -> WorldClip:
         if not 0 <= index < self.length:
