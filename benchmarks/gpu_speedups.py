@@ -22,7 +22,7 @@ Peak memory (CUDA) is the row's own: what its networks, optimizer state and grad
 warm-up, plus the largest allocation on top of that during its timed steps, from the caching
 allocator, with the peak counter reset after warm-up so cuDNN's autotuning workspace stays out.
 
-Resolutions (``PAPER``) are chosen from the ms/sample measured on an H200 (DESIGN.md §5) so the whole
+Resolutions (``PAPER``) are chosen from the ms/sample measured on an H200 (README.md, "On a GPU") so the whole
 run stays under about 8 minutes on one H100; vid2vid runs at 128x256 (at 256x256 one fp32 step
 took ~1 s). Writes ``gpu_speedups.json`` and ``gpu_speedups.md`` in ``--output``.
 """
@@ -134,7 +134,7 @@ class BareLoop:
             for i in range(warmup + steps):
                 batch = self._next_batch()
                 timer.start()
-                for name, net in self.nets.named().items():
+                for name in self.nets.named():
                     optimizer, scaler = self.optimizers[name], self.scalers[name]
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(**self.autocast):
@@ -211,7 +211,7 @@ def benchmark_model(name: str, preset: str, shape: tuple, device: torch.device, 
             else:
                 row.update(status="ok", speedup=1.0, speedup_low=1.0, speedup_high=1.0, speedup_coverage=1.0)
             if setting.opt_level in ("O0", "O1") and row["status"] == "ok":
-                bare = build_arm(lambda: BareLoop(name, setting, preset, data, device), device, args.warmup)
+                bare = build_arm(lambda s=setting: BareLoop(name, s, preset, data, device), device, args.warmup)
                 control = paired_profile(bare.runner, arm.runner, **timing)
                 if control.speed is not None:
                     # trainer time / bare time: > 1 is the trainer's overhead

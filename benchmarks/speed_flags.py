@@ -88,8 +88,7 @@ def machine() -> str:
     return (f"{platform.node()}: {cpu} ({flags or 'no AVX-512'}), {os.cpu_count()} CPUs "
             f"({len(os.sched_getaffinity(0))} allowed), {torch.get_num_threads()} torch threads, {device}; "
             f"torch {torch.__version__}, Python {platform.python_version()}; "
-            f"TorchScript CPU fusion: {'yes' if fusion.jit_can_fuse_on_cpu() else 'no (no LLVM in this build)'}; "
-            f"{fusion.apex_fused_adam()[1].split(';')[0]}")
+            f"TorchScript CPU fusion: {'yes' if fusion.jit_can_fuse_on_cpu() else 'no (no LLVM in this build)'}")
 
 
 def load() -> str:
@@ -138,14 +137,13 @@ def memory(args, preset: str, setting: Setting) -> tuple[float, str]:
     if args.no_memory:
         return math.nan, ""
     data = DataConfig(height=args.size, width=args.size, train_samples=max(args.samples, setting.batch_size * 2))
-    status, mib, method = peak_memory_mib(args.model, {}, preset, data.model_dump(mode="json"),
-                                          setting.model_dump(mode="json"), steps=2, device=args.device)
-    return (mib, "") if status == "ok" else (math.nan, f"memory {status}: {method}")
+    result = peak_memory_mib(args.model, {}, preset, data, setting, steps=2, device=args.device)
+    return (result.mib, "") if result.status == "ok" else (math.nan, f"memory {result.status}: {result.reason}")
 
 
 def auto_batch(args, preset: str, setting: Setting, budget: float, known: dict[int, float]) -> tuple[int, float, str]:
-    data = DataConfig(height=args.size, width=args.size, train_samples=args.samples).model_dump(mode="json")
-    real = trainer_probe(args.model, {}, preset, data, setting.model_dump(mode="json"), device=args.device)
+    data = DataConfig(height=args.size, width=args.size, train_samples=args.samples)
+    real = trainer_probe(args.model, {}, preset, data, setting, device=args.device)
 
     def probe(batch: int) -> ProbeResult:
         if batch in known:  # already measured (the baseline's fixed batch): don't pay it twice
@@ -266,7 +264,7 @@ def micro(args) -> None:
         }[name]
         fns = {mode: fusion.fused(name, mode) for mode in fusion.MODES}
 
-        def call(fn):
+        def call(fn, inputs=inputs):
             start = time.perf_counter()
             out = fn(*inputs)
             out = out[0] if isinstance(out, tuple) else out

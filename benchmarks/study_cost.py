@@ -31,20 +31,23 @@ from study_overhead import breakdown  # noqa: E402  (the study's own time breakd
 from orchestrator import search  # noqa: E402
 from orchestrator.config import StudyConfig, load_config  # noqa: E402
 from orchestrator.recommend import recommend  # noqa: E402
+from orchestrator.results import combine_seed_results  # noqa: E402
 from orchestrator.settings import Setting  # noqa: E402
 from orchestrator.study import Study, machine_description  # noqa: E402
 from search_spaces import default_path  # noqa: E402
 
 
-def grid_trial(params: dict[str, Any], *, study_json: dict, settings: dict[str, dict], storage: str) -> None:
-    """One exhaustive-grid trial: train one candidate for the full quality budget."""
+def grid_trial(params: dict[str, Any], *, study: StudyConfig, settings: dict[str, Setting], storage: str) -> None:
+    """One exhaustive-grid trial: train one candidate for the full quality budget, with the same
+    paired seeds the study uses (so both answers rest on the same verdict rule)."""
     import ray.tune
 
-    study = StudyConfig.model_validate(study_json)
-    setting = Setting.model_validate(settings[params["key"]])
-    finished, _ = search.run_training(study, setting, [study.seed], Path(storage), name=f"grid-{params['key']}")
-    outcome = finished[str(study.seed)]
-    ray.tune.report({"key": params["key"], **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))}})
+    setting = settings[params["key"]]
+    finished, _ = search.run_training(study, setting, study.budget.candidate_seed_list(study.seed), Path(storage),
+                                      name=f"grid-{params['key']}")
+    outcome = combine_seed_results(finished)
+    ray.tune.report({"key": params["key"], "row": json.dumps(
+        {k: v for k, v in outcome.items() if isinstance(v, (int, float, str))})})
 
 
 def run_grid(config: StudyConfig, candidates: list[Setting], output: Path) -> tuple[pd.DataFrame, float]:
@@ -57,9 +60,8 @@ def run_grid(config: StudyConfig, candidates: list[Setting], output: Path) -> tu
     started = time.perf_counter()
     seeds = [config.seed + i for i in range(config.budget.reference_seeds)]
     refs, _ = search.run_training(config, config.reference, seeds, storage, name="grid-reference")
-    settings = {s.key(): s.model_dump(mode="json") for s in candidates}
-    trainable = ray.tune.with_parameters(grid_trial, study_json=config.model_dump(mode="json"), settings=settings,
-                                         storage=str(storage))
+    settings = {s.key(): s for s in candidates}
+    trainable = ray.tune.with_parameters(grid_trial, study=config, settings=settings, storage=str(storage))
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": 1}),
         param_space={"key": ray.tune.grid_search(list(settings))},
@@ -75,12 +77,14 @@ def run_grid(config: StudyConfig, candidates: list[Setting], output: Path) -> tu
             for seed, r in refs.items()]
     for result in grid:
         metrics = result.metrics or {}
-        setting = Setting.model_validate(settings[metrics.get("key", result.config["key"])])
-        speedup = float(metrics.get("throughput", math.nan)) / ref_throughput
-        rows.append({**{k: v for k, v in metrics.items() if k.startswith(("quality_", "status", "reason",
+        outcome = json.loads(metrics.get("row", "{}"))
+        setting = settings[metrics.get("key", result.config["key"])]
+        speedup = float(outcome.get("throughput", math.nan)) / ref_throughput
+        rows.append({**{k: v for k, v in outcome.items() if k.startswith(("quality_", "status", "reason", "seed",
                                                                             "step_seconds", "eval_seconds"))},
-                     "row_id": setting.key(), "kind": "candidate", "label": setting.label(), "trained": 1,
-                     "status": metrics.get("status", "error" if result.error else "ok"),
+                     "row_id": setting.key(), "setting_key": setting.key(), "setting_json": setting.model_dump_json(),
+                     "kind": "candidate", "label": setting.label(), "trained": 1,
+                     "status": outcome.get("status", "error" if result.error else "ok"),
                      "speedup": speedup, "speedup_low": speedup, "speedup_high": speedup, **setting.flat()})
     return pd.DataFrame(rows), wall
 
@@ -137,6 +141,7 @@ def main() -> None:
     rows = [
         ("wall time (s)", f"{study_wall:.0f}", f"{grid_wall:.0f}"),
         ("TorchTrainer runs", f"2 + {trained} (profile, references, trials)", f"1 + {len(candidates)}"),
+        ("fresh processes for memory", "1 (every setting in sequence)", "0"),
         ("settings trained for quality", f"{trained} ({stopped} stopped early)", f"{len(candidates)}"),
         ("training steps (s)", f"{study_parts['training steps (profile blocks + quality training)']:.0f}",
          f"{grid_parts['training steps (profile blocks + quality training)']:.0f}"),

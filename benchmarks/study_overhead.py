@@ -26,7 +26,7 @@ def breakdown(rows: pd.DataFrame, wall: float, ray_init: float) -> list[tuple[st
     is left after steps, other worker work and ray.init is Ray's (and MLflow's) overhead."""
     col = lambda name: float(rows[name].fillna(0).sum()) if name in rows else 0.0  # noqa: E731
     steps = col("profile_step_seconds") + col("step_seconds")  # a trained row has both
-    other = col("build_seconds") + col("memory_seconds") + col("eval_seconds")
+    other = col("build_seconds") + col("run_build_seconds") + col("memory_seconds") + col("eval_seconds")
     return [("training steps (profile blocks + quality training)", steps),
             ("other worker work (build, memory probe, eval)", other),
             ("ray.init", ray_init),

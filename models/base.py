@@ -12,12 +12,15 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from orchestrator.settings import SpeedFlags
+
+if TYPE_CHECKING:
+    from orchestrator.data.check import DataProblem
 
 Batch = dict[str, torch.Tensor]
 # Values a loss reports beside the loss itself. Return them as detached tensors (``x.detach()``),
@@ -112,6 +115,20 @@ class GANModel(ABC):
     def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
         """A map-style data set of ``Batch`` dicts (unbatched tensors). ``split`` is 'train' or 'val'.
         ``data_cfg`` is an ``orchestrator.config.DataConfig``."""
+
+    def check_data(self, data_cfg: Any) -> list[DataProblem]:
+        """Everything wrong with the data ``data_cfg`` describes, found before a study starts Ray:
+        ``orchestrator.data.check.DataProblem``s (empty when the data is usable), each naming its file.
+
+        Default: build the train and val data sets through ``dataset`` (their constructors check the
+        data options and a folder's layout) and, for a data set that reads files (it has a
+        ``check_files()``, as the folder loaders do), open every file once: readable, expected
+        channels, sizes, label ids below the model's label count. Override to add what only the
+        model knows; a loader should raise ``orchestrator.data.check.DataError`` naming the file
+        for a sample it cannot read during training."""
+        from orchestrator.data.check import check_model_data
+
+        return check_model_data(self, data_cfg)
 
     def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
         """Optimizer settings per network: ``{"generator": {"lr":..., "betas":...}, ...}``.

@@ -332,21 +332,6 @@ def swap_activations(module: nn.Module, mode: str) -> int:
 # --------------------------------------------------------------------------- fused optimizer
 
 
-def apex_fused_adam() -> tuple[type | None, str]:
-    """(apex.optimizers.FusedAdam or None, a message saying which and why).
-
-    Optional: torch's own ``Adam(fused=True)`` (what ``PrecisionPolicy.make_optimizer(fused=True)``
-    uses) is the default fused optimizer; apex's needs a CUDA build of apex and CUDA parameters."""
-    try:
-        from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
-    except Exception as error:  # noqa: BLE001 - ImportError, or apex built without its CUDA extensions
-        return None, (f"apex FusedAdam unavailable ({type(error).__name__}: {error}); "
-                      "using torch.optim.Adam(fused=True), or foreach where fused is unsupported")
-    if not torch.cuda.is_available():
-        return None, "apex is importable but FusedAdam needs CUDA; using torch.optim.Adam(fused=True)"
-    return FusedAdam, "apex.optimizers.FusedAdam available"
-
-
 def jit_can_fuse_on_cpu() -> bool:
     """Whether TorchScript can fuse on a CPU with this torch build (needs LLVM; CPU wheels lack it)."""
     try:
@@ -357,7 +342,7 @@ def jit_can_fuse_on_cpu() -> bool:
 
 __all__ = [
     "MODES", "register", "names", "eager", "fused", "fallbacks", "compile_seconds", "status", "clear",
-    "FusedActivation", "swap_activations", "apex_fused_adam", "jit_can_fuse_on_cpu",
+    "FusedActivation", "swap_activations", "jit_can_fuse_on_cpu",
     "lsgan_real", "lsgan_fake", "hinge_d_real", "hinge_d_fake", "hinge_g", "l1_mean",
     "leaky_relu", "gelu_tanh", "l2_normalize", "pconv_renorm",
 ]

@@ -1,7 +1,7 @@
 """Small, configurable building blocks shared by the GAN families.
 
 Every block takes its normalisation as a name plus an ``eps`` so a model can route its
-``instance_norm`` eps site into every norm layer it builds (DESIGN.md §4). Discriminators return
+``instance_norm`` eps site into every norm layer it builds. Discriminators return
 their intermediate features so the generator can use feature matching.
 """
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""``python -m orchestrator``: work with a finished (or interrupted) study without re-running it.
+"""``amp-study`` (installed) or ``python -m orchestrator``: the project's one command line.
 
-    python -m orchestrator report --output runs/pix2pixhd-tiny          # from results.parquet
-    python -m orchestrator report --experiment pix2pixhd-tiny --tracking-uri URI --to DIR   # from MLflow alone
-    python -m orchestrator sync --output runs/pix2pixhd-tiny [--tracking-uri URI]   # log rows MLflow missed
+    amp-study run [--model NAME] [--dry-run] [...]       # a study (the same as python run_experiment.py)
+    amp-study report --output runs/pix2pixhd-tiny        # rebuild the report from results.parquet
+    amp-study report --experiment pix2pixhd-tiny --tracking-uri URI --to DIR   # ... from MLflow alone
+    amp-study sync --output runs/pix2pixhd-tiny [--tracking-uri URI]           # log rows MLflow missed
+    amp-study compare runs/*/                            # the cross-model table
+    amp-study --version
 """
 from __future__ import annotations
 
@@ -59,9 +62,27 @@ def build_report(config_raw: dict, frame: pd.DataFrame, target: Path, tracking_u
     return rec
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("amp-study")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = "amp-study" if Path(sys.argv[0]).name == "amp-study" else "python -m orchestrator"
+    if argv[:1] == ["run"]:  # every option of a study's own command line, unchanged
+        from orchestrator.run import main as run_main
+
+        return run_main(argv[1:], prog=f"{prog} run")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"amp-study {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run a study (options: `run --help`)")
     rep = sub.add_parser("report", help="rebuild report.md and the recommendation")
     rep.add_argument("--output", type=Path, help="a study's output folder (reads its results.parquet)")
     rep.add_argument("--experiment", help="MLflow experiment name (rebuild from MLflow alone)")

@@ -20,9 +20,7 @@ Probes that don't pollute each other:
 For the study (``batch_size: auto``), per precision setting::
 
     from orchestrator.batch_finder import find_batch_for_setting
-    search = find_batch_for_setting(study.model.name, study.model.options, study.model.preset,
-                                    study.data.model_dump(mode="json"), setting.model_dump(mode="json"),
-                                    device=device, budget_mib=budget)   # None on CUDA: free memory
+    search = find_batch_for_setting(study, setting, device=device)   # budget: resources.memory_budget_mib
     setting = setting.model_copy(update={"batch_size": search.batch_size})   # 0: nothing fits
 """
 from __future__ import annotations
@@ -34,6 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from orchestrator.config import DataConfig, StudyConfig
+from orchestrator.settings import Setting
+from orchestrator.trainer import is_oom
 
 MIB = 2**20
 
@@ -79,11 +81,6 @@ class BatchSearch:
         return {**asdict(self), "describe": self.describe()}
 
 
-def _is_oom(error: BaseException) -> bool:
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(error, (MemoryError, oom_type)) or "out of memory" in str(error).lower()
-
-
 def find_max_batch(probe: Callable[[int], ProbeResult], *, start: int = 1, limit: int = 1024,
                    budget_mib: float | None = None, margin: float = 0.1,
                    on_probe: Callable[[ProbeResult], None] | None = None) -> BatchSearch:
@@ -106,7 +103,7 @@ def find_max_batch(probe: Callable[[int], ProbeResult], *, start: int = 1, limit
         try:
             result = probe(batch)
         except Exception as error:  # noqa: BLE001 - recorded: OOM is an answer, not a crash
-            status = "oom" if _is_oom(error) else "error"
+            status = "oom" if is_oom(error) else "error"
             result = ProbeResult(batch, status, reason=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         result.batch_size = batch
         result.seconds = result.seconds or time.perf_counter() - began
@@ -151,35 +148,27 @@ def find_max_batch(probe: Callable[[int], ProbeResult], *, start: int = 1, limit
 # --------------------------------------------------------------------------- probes on a real trainer
 
 
-def trainer_probe(model_spec: str, model_options: dict[str, Any], preset: str, data: dict[str, Any],
-                  setting: dict[str, Any], *, device: str = "cpu", steps: int = 2,
+def trainer_probe(model_spec: str, model_options: dict[str, Any], preset: str, data: DataConfig,
+                  setting: Setting, *, device: str = "cpu", steps: int = 2,
                   timeout: float = 900.0) -> Callable[[int], ProbeResult]:
     """A probe that trains ``steps`` steps of ``setting`` at the given batch size and measures the
-    peak memory: a fresh process on CPU, in process (with the caches emptied) on CUDA.
-    ``data``/``setting`` are ``DataConfig``/``Setting`` dumps (``model_dump(mode="json")``). The
-    synthetic data set is enlarged to hold one batch when needed."""
-    from orchestrator.memory import measure_in_process, peak_memory_mib
+    peak memory: a fresh process on CPU, in process (with the caches emptied) on CUDA
+    (``orchestrator.memory``). The synthetic data set is enlarged to hold one batch when needed."""
+    from orchestrator.memory import peak_memory_mib
 
     def probe(batch: int) -> ProbeResult:
-        probe_data = dict(data)
-        probe_data["train_samples"] = max(int(data.get("train_samples", batch)), batch)
-        probe_setting = {**setting, "batch_size": batch}
+        probe_data = data.model_copy(update={"train_samples": max(data.train_samples, batch)})
         began = time.perf_counter()
-        args = (model_spec, model_options, preset, probe_data, probe_setting, steps)
         if torch.device(device).type == "cuda":
             _clean_cuda(device)
-            try:
-                status, mib, method = measure_in_process(*args, device)
-            except Exception as error:  # noqa: BLE001
-                if not _is_oom(error):
-                    raise
-                status, mib, method = "oom", math.nan, f"{type(error).__name__}: {str(error).splitlines()[0]}"
-            finally:
+        try:
+            result = peak_memory_mib(model_spec, model_options, preset, probe_data,
+                                     setting.model_copy(update={"batch_size": batch}), steps, device, timeout)
+        finally:
+            if torch.device(device).type == "cuda":
                 _clean_cuda(device)
-        else:
-            status, mib, method = peak_memory_mib(*args, device=device, timeout=timeout)
-        reason = method if status != "ok" else ""
-        return ProbeResult(batch, status, float(mib), reason, time.perf_counter() - began)
+        reason = (result.reason or result.method) if result.status != "ok" else ""
+        return ProbeResult(batch, result.status, float(result.mib), reason, time.perf_counter() - began)
 
     return probe
 
@@ -191,20 +180,20 @@ def _clean_cuda(device: str) -> None:
     torch.cuda.reset_peak_memory_stats(device)
 
 
-def find_batch_for_setting(model_spec: str, model_options: dict[str, Any], preset: str,
-                           data: dict[str, Any], setting: dict[str, Any], *, device: str = "cpu",
-                           budget_mib: float | None = None, margin: float = 0.1, start: int = 1,
-                           limit: int = 256, steps: int = 2,
+def find_batch_for_setting(study: StudyConfig, setting: Setting, *, device: str = "cpu", margin: float = 0.1,
+                           start: int = 1, limit: int = 256, steps: int = 2,
                            on_probe: Callable[[ProbeResult], None] | None = None) -> BatchSearch:
-    """``find_max_batch`` with ``trainer_probe`` for one setting (its ``batch_size`` is ignored).
-
-    ``budget_mib``: required on CPU (the memory the run may use, e.g. the GPU's size being
-    emulated); on CUDA defaults to the device's free memory now."""
+    """``find_max_batch`` with ``trainer_probe`` for one setting of ``study`` (its ``batch_size`` is
+    ignored). The budget is ``resources.memory_budget_mib``: required on CPU (the memory the run
+    may use, e.g. the GPU's size being emulated); on CUDA it defaults to the device's free memory."""
+    budget_mib = study.resources.memory_budget_mib
     if budget_mib is None:
         if torch.device(device).type != "cuda":
-            raise ValueError("a CPU batch search needs budget_mib: a CPU process has no memory ceiling to hit")
+            raise ValueError("a CPU batch search needs resources.memory_budget_mib: a CPU process has no memory "
+                             "ceiling to hit")
         _clean_cuda(device)
         budget_mib = torch.cuda.mem_get_info(torch.device(device))[0] / MIB
-    probe = trainer_probe(model_spec, model_options, preset, data, setting, device=device, steps=steps)
+    probe = trainer_probe(study.model.name, study.model.options, study.model.preset, study.data, setting,
+                          device=device, steps=steps)
     return find_max_batch(probe, start=start, limit=limit, budget_mib=budget_mib, margin=margin,
                           on_probe=on_probe)

@@ -85,15 +85,20 @@ class SearchConfig(BaseModel):
         """The numeric batch sizes; with only ``auto``, 1 stands in until the finder replaces it."""
         return [b for b in self.batch_size if b != "auto"] or [1]
 
+    def flag_values(self, name: str) -> list:
+        """The searched values of speed flag ``name``; a flag this space has no field for keeps its
+        default (``SpeedFlags`` is the one list of flags)."""
+        return list(getattr(self, name, [SpeedFlags.model_fields[name].default]))
+
     def candidates(self) -> list[Setting]:
         """Every distinct setting of the grid (dtype is irrelevant at O0, so O0 appears once per
         combination of the other dimensions)."""
-        flag_names = ["checkpointing", "fused_optimizer", "fusion", "affinity", "channels_last", "tf32"]
+        flag_names = list(SpeedFlags.model_fields)
         eps_sites = sorted(self.eps)
         seen: dict[str, Setting] = {}
         for level, dtype, batch, *rest in itertools.product(
             self.opt_level, self.dtype, self.fixed_batch_sizes,
-            *[getattr(self, n) for n in flag_names], *[self.eps[s] for s in eps_sites],
+            *[self.flag_values(n) for n in flag_names], *[self.eps[s] for s in eps_sites],
         ):
             flags = SpeedFlags(**dict(zip(flag_names, rest[: len(flag_names)])))
             eps = dict(zip(eps_sites, rest[len(flag_names):]))
@@ -311,6 +316,14 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
         model.resolve_eps({site: values[0] for site, values in config.search.eps.items()})
     except ValueError as error:
         raise ConfigError(f"invalid study configuration in {source}: model: {error}") from None
+    ignored = [name for name, field in SpeedFlags.model_fields.items()
+               if name not in model.supported_flags and set(config.search.flag_values(name)) != {field.default}]
+    if ignored:
+        raise ConfigError(
+            f"invalid study configuration in {source}: " + "; ".join(
+                f"search.{name}: model {model.name!r} does not honour the {name!r} speed flag (its settings would "
+                f"train identically and be profiled twice); use [{SpeedFlags.model_fields[name].default}]"
+                for name in ignored) + f". It honours: {', '.join(sorted(model.supported_flags))}")
     return config
 
 

@@ -1,6 +1,6 @@
 """The precision policy: weight casting, autocast, fp32 master weights and one loss scaler per loss.
 
-apex's opt_level names (DESIGN.md §4), implemented with native ``torch.amp`` only. Nothing here
+apex's opt_level names, implemented with native ``torch.amp`` only. Nothing here
 imports Ray or MLflow, and nothing depends on the device beyond ``device_type`` ("cpu" or "cuda"):
 a user can paste a recommended setting into their own loop::
 
@@ -67,15 +67,18 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 from torch.amp import GradScaler
 from torch.optim import optimizer as torch_optimizer
 
-OPT_LEVELS = ("O0", "O1", "O2", "O3")
+from orchestrator.settings import HalfDtype, OptLevel
+
+OPT_LEVELS: tuple[str, ...] = get_args(OptLevel)  # the one definition lives in orchestrator/settings.py
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+assert set(HALF_DTYPES) == set(get_args(HalfDtype)), "a HalfDtype without a torch dtype"
 
 # Modules kept in fp32 under O2 (apex's keep_batchnorm_fp32, extended to every normalization).
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -167,7 +170,7 @@ class MasterWeightAdam(torch.optim.Adam):
     def copy_grads_to_masters(self) -> None:
         """The half gradients onto fp32 buffers the masters keep: one multi-tensor copy."""
         with_grad = [(p, m) for p, m in self._pairs if p.grad is not None]
-        for p, m in self._pairs:
+        for _, m in self._pairs:
             m.grad = None
         if not with_grad:
             return

@@ -22,7 +22,9 @@ import yaml
 from orchestrator.config import QualityConfig
 from orchestrator.measure import SpeedEstimate, ratio_of
 from orchestrator.quality import metric_direction
-from orchestrator.settings import Setting
+from orchestrator.results import is_missing as _missing
+from orchestrator.settings import Setting, SpeedFlags
+from orchestrator.usage import framework_settings
 from orchestrator.verdict import (Margin, choose_margin, detectable_drift, judge, paired_differences, paired_drift,
                                   pooled_sd, reference_spread)
 
@@ -152,17 +154,14 @@ def with_default_speedups(frame: pd.DataFrame, torch_default: Setting) -> pd.Dat
 
 
 def _setting(row: pd.Series) -> Setting:
+    """The row's setting, losslessly from ``setting_json`` (tables before it: from the flat columns)."""
     text = row.get("setting_json")
     if isinstance(text, str) and text:
         return Setting.model_validate_json(text)
     flat = {k: row[k] for k in row.index if k in Setting.model_fields or k.startswith("eps.")
-            or k in ("checkpointing", "fused_optimizer", "fusion", "affinity", "channels_last", "tf32")}
+            or k in SpeedFlags.model_fields}
     flat = {k: (v.item() if hasattr(v, "item") else v) for k, v in flat.items() if not _missing(v)}
     return Setting.from_flat(flat)
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _num(row: pd.Series, key: str) -> float:
@@ -417,6 +416,7 @@ def recommend(frame: pd.DataFrame, *, model: str, preset: str, quality: QualityC
                   "quality_verdict": "reference", "time_to_quality_seconds": ref_ttq, "differs_from_default": {},
                   "tied_with": [], "tie_rule": "",
                   "verdict": f"keep {'your current training (PyTorch default fp32)' if default_timed else 'fp32'}: {why}"}
+    choice["apply"] = framework_settings(Setting.model_validate(choice["setting"]))
     if not power["can_detect_margin"]:
         choice["verdict"] += (f" (caution: this budget detects a quality loss only from {power['detectable_drift']:.4g}, "
                               f"more than the margin {basis.margin.value:.4g})")

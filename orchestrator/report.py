@@ -338,6 +338,19 @@ def write_report(rec: dict[str, Any], frame: pd.DataFrame, directory: Path, *, t
     ]
     if r.get("tied_with"):
         lines.append(f"- tied with {', '.join(r['tied_with'])}: {r['tie_rule']}")
+    apply = r.get("apply") or {}
+    if apply:
+        lightning, accelerate = apply["lightning"], apply["accelerate"]
+        lines += ["", "Using it in your training:", "",
+                  f"- plain PyTorch: `torch.autocast(**{apply['autocast']})`, one `torch.amp.GradScaler(**"
+                  f"{apply['grad_scaler_per_loss']})` per loss, TF32: {apply['backend_flags']}",
+                  f"- Lightning: `Trainer(precision={lightning['precision']!r})`" if lightning["precision"] else
+                  "- Lightning: no `precision=` value expresses it",
+                  *([f"  ({lightning['not_covered']})"] if lightning["not_covered"] else []),
+                  f"- Accelerate: `Accelerator(mixed_precision={accelerate['mixed_precision']!r})`"
+                  if accelerate["mixed_precision"] else "- Accelerate: no `mixed_precision=` value expresses it",
+                  *([f"  ({accelerate['not_covered']})"] if accelerate["not_covered"] else []),
+                  *[f"- by hand: {item}" for item in apply["set_by_hand"]]]
     lines += ["", "Best by batch size (as the seed reports give them):", "",
               *_choice_lines("same batch as fp32", rec.get("best_same_batch")),
               *_choice_lines("larger batch", rec.get("best_larger_batch")), "",

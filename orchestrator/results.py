@@ -31,7 +31,7 @@ class ResultsTable:
         if self.path.exists():
             frame = pd.read_parquet(self.path)
             for record in frame.to_dict(orient="records"):
-                clean = {k: v for k, v in record.items() if not _is_missing(v)}
+                clean = {k: v for k, v in record.items() if not is_missing(v)}
                 self.rows[clean["row_id"]] = clean
 
     def get(self, row_id: str) -> dict[str, Any] | None:
@@ -56,15 +56,16 @@ class ResultsTable:
         except (pa.ArrowTypeError, pa.ArrowInvalid):
             # a column holding text in one row and numbers in another: store that column as text
             # rather than lose the row (Parquet wants one type per column)
-            for column in frame.columns[frame.dtypes == object]:
-                kinds = {type(v) for v in frame[column] if not _is_missing(v)}
+            for column in frame.columns[frame.dtypes.map(lambda d: d.kind == 'O')]:
+                kinds = {type(v) for v in frame[column] if not is_missing(v)}
                 if len(kinds) > 1:
-                    frame[column] = [v if _is_missing(v) or isinstance(v, str) else json.dumps(v) for v in frame[column]]
+                    frame[column] = [v if is_missing(v) or isinstance(v, str) else json.dumps(v) for v in frame[column]]
             frame.to_parquet(tmp, engine="pyarrow", index=False)
         tmp.replace(self.path)
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
+    """None or NaN: a cell with nothing in it (the one test for it)."""
     try:
         return value is None or (isinstance(value, float) and math.isnan(value))
     except TypeError:
@@ -94,7 +95,7 @@ def combine_seed_results(finished: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in results[0].items() if not k.startswith("quality_")}
     out.update(status=worst.get("status", "error"), reason=worst.get("reason", ""),
                seeds=json.dumps([int(s) for s in seeds]))
-    for key in ("train_seconds", "step_seconds", "eval_seconds", "skipped_steps"):
+    for key in ("train_seconds", "step_seconds", "eval_seconds", "run_build_seconds", "skipped_steps"):
         values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
         if values:
             out[key] = float(sum(values))

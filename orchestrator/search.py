@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,8 +22,9 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator import interrupts
 from orchestrator.config import ResourcesConfig, StudyConfig
+from orchestrator.recommend import Band
 from orchestrator.results import combine_seed_results
-from orchestrator.settings import Setting
+from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
 
 PENALTY_DRIFT = 1e3  # finite stand-in for "diverged / not measurable" (Optuna rejects NaN)
@@ -141,20 +143,16 @@ def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Pa
 
 def run_profile(study: StudyConfig, settings: list[Setting], storage: Path, name: str = "profile") -> dict[str, Any]:
     """Stage 1 in one worker group: {setting key | "reference": profile result}."""
-    config = {"study": study.model_dump(mode="json"), "settings": [s.model_dump(mode="json") for s in settings]}
-    return _fit(profile_loop, config, study, storage, name).return_value
+    return _fit(profile_loop, {"study": study, "settings": settings}, study, storage, name).return_value
 
 
 def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage: Path, name: str,
-                 rung_bands: dict[int, dict] | None = None) -> tuple[dict[str, Any], Path | None]:
+                 rung_bands: dict[int, Band] | None = None) -> tuple[dict[str, Any], Path | None]:
     """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path).
 
     Quality is also measured at the budget's curve points and early-stop rungs; with ``rung_bands``
-    (the references' bands there, as dicts) a seed clearly outside one at an early-stop rung stops."""
-    config = {"study": study.model_dump(mode="json"), "setting": setting.model_dump(mode="json"), "seeds": seeds,
-              "rungs": study.budget.rung_samples(), "stops": study.budget.stop_samples(),
-              "rung_bands": {str(k): v for k, v in (rung_bands or {}).items()},
-              "stop_bands": study.budget.early_stop_bands}
+    (the references' bands there) a seed clearly outside one at an early-stop rung stops."""
+    config = {"study": study, "setting": setting, "seeds": seeds, "rung_bands": rung_bands or {}}
     result = _fit(quality_loop, config, study, storage, name)
     grid = None
     if result.checkpoint is not None:
@@ -166,49 +164,116 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 # ----------------------------------------------------------------------------- stage 2
 
 
-def quality_trial(params: dict[str, Any], *, study_json: dict, candidates: dict[str, dict], storage: str,
-                  evaluate: Callable[[dict[str, Any]], dict[str, float]],
-                  rung_bands: dict[int, dict] | None = None) -> None:
-    """One Tune trial: train the proposed setting for the quality budget with the references' first
-    ``budget.candidate_seeds`` seeds (paired with them) and report speedup (from stage 1) and its
-    quality loss against fp32. A repeated proposal reuses the finished result and costs no
-    training; a setting clearly outside the references' band at an early-stop rung stops there, and
-    its drift is the one measured at that rung."""
-    study = StudyConfig.model_validate(study_json)
-    key = params["setting"]
-    setting = Setting.model_validate(candidates[key]["setting"])
-    profile = candidates[key]["profile"]
+# what a trial reports to Tune: the searcher's objectives and the trial's identity; the whole row
+# travels as one JSON field ("row") for the study to record
+TRIAL_REPORT = ("setting_key", "speedup", "drift_in_margins", "trained", "repeat", "status")
+
+
+def quality_trial(params: dict[str, Any], *, study: StudyConfig, space: "SearchSpace", profiled: dict[str, dict],
+                  survivors: set[str], storage: str, evaluate: Callable[[dict[str, Any]], dict[str, float]],
+                  rung_bands: dict[int, Band] | None = None) -> None:
+    """One Tune trial: the setting Optuna proposed (``params``: one value per searched dimension).
+
+    A survivor of stage 1 is trained for the quality budget with the references' first
+    ``budget.candidate_seeds`` seeds (paired with them) and reports its speedup (from stage 1) and
+    quality loss against fp32; a repeat reuses the finished result. A proposal stage 1 rejected
+    (slower, diverged, out of memory) or never profiled costs nothing: it reports what is known
+    (its speedup if it ran, else 0, and the penalty loss) with ``trained=0``, so Optuna learns that
+    corner."""
+    setting = space.setting(params)
+    key = setting.key()
+    if key not in survivors:
+        profile = profiled.get(key, {"status": "not profiled"})
+        speedup = float(profile.get("speedup") or 0.0) if profile.get("status") == "slower" else 0.0
+        row = {"setting_key": key, "speedup": speedup, "drift_in_margins": PENALTY_DRIFT, "trained": 0,
+               "repeat": 0, "status": str(profile.get("status"))}
+        ray.tune.report({**row, "row": json.dumps(row)})
+        return
     cache = Path(storage) / "trial-cache" / f"{key}.json"
     if cache.exists():
-        ray.tune.report({**json.loads(cache.read_text()), "trained": 0, "repeat": 1})
+        row = json.loads(cache.read_text())
+        ray.tune.report({**{k: row[k] for k in TRIAL_REPORT if k in row}, "trained": 0, "repeat": 1,
+                         "row": json.dumps(row)})
         return
     finished, grid = run_training(study, setting, study.budget.candidate_seed_list(study.seed), Path(storage),
                                   name=f"quality-{key}", rung_bands=rung_bands)
     outcome = combine_seed_results(finished)
-    scores = evaluate(outcome)
-    metrics = {"setting_key": key, "label": setting.label(),
-               **{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))},
-               **scores, "speedup": float(profile.get("speedup") or 0.0), "trained": 1,
-               "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
-    if not math.isfinite(metrics["drift_in_margins"]):
-        metrics["drift_in_margins"] = PENALTY_DRIFT
-    if outcome.get("status") not in ("ok", "stopped"):
-        metrics["speedup"] = 0.0  # a diverged setting has no useful speed
+    row = {**{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))}, **evaluate(outcome),
+           "setting_key": key, "label": setting.label(), "trained": 1, "repeat": 0,
+           "samples_grid": str(grid) if grid else "", "curve": json.dumps(outcome.get("curve", []))}
+    # Optuna's objectives: finite numbers only (NaN would leave its trial RUNNING forever); the
+    # speedup stage 1 measured, 0 for a setting that diverged
+    if not math.isfinite(row["drift_in_margins"]):
+        row["drift_in_margins"] = PENALTY_DRIFT
+    row["speedup"] = (float(profiled[key].get("speedup") or 0.0)
+                      if outcome.get("status") in ("ok", "stopped") else 0.0)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(metrics))
-    ray.tune.report(metrics)
+    cache.write_text(json.dumps(row))
+    ray.tune.report({**{k: row[k] for k in TRIAL_REPORT}, "row": json.dumps(row)})
+
+
+class SearchSpace:
+    """The dimensions Optuna searches in stage 2: opt level, dtype, batch size, each eps site and
+    each speed flag, with the values the profiled grid gives them (a dimension with one value is
+    fixed, not searched). ``setting(params)`` maps a proposal back to a setting of the grid's form
+    (eps values equal to the model's default dropped, as ``plan.candidate_grid`` does)."""
+
+    def __init__(self, grid: list[Setting], eps_defaults: dict[str, float]):
+        self.eps_defaults = dict(eps_defaults)
+        values: dict[str, list] = {}
+        for setting in grid:
+            for dim, value in self._point(setting).items():
+                if value not in values.setdefault(dim, []):
+                    values[dim].append(value)
+        self.fixed = {d: v[0] for d, v in values.items() if len(v) == 1}
+        self.dims = {d: sorted(v, key=str) for d, v in values.items() if len(v) > 1}
+
+    def _point(self, setting: Setting) -> dict[str, Any]:
+        point: dict[str, Any] = {"opt_level": setting.opt_level, "dtype": setting.dtype,
+                                 "batch_size": setting.batch_size}
+        point.update({f"flags.{k}": v for k, v in setting.flags.model_dump().items()})
+        point.update({f"eps.{site}": float(setting.eps.get(site, default))
+                      for site, default in self.eps_defaults.items()})
+        return point
+
+    def params(self, setting: Setting) -> dict[str, Any]:
+        """The proposal (searched dimensions only) that stands for ``setting``."""
+        point = self._point(setting)
+        return {d: point[d] for d in self.dims}
+
+    def setting(self, params: dict[str, Any]) -> Setting:
+        point = {**self.fixed, **params}
+        eps = {site: float(point[f"eps.{site}"]) for site, default in self.eps_defaults.items()
+               if f"eps.{site}" in point and float(point[f"eps.{site}"]) != default}
+        flags = {k.removeprefix("flags."): v for k, v in point.items() if k.startswith("flags.")}
+        return Setting(opt_level=point["opt_level"], dtype=point["dtype"], batch_size=int(point["batch_size"]),
+                       eps=eps, flags=SpeedFlags(**flags))
+
+    def tune_space(self) -> dict[str, Any]:
+        return {d: ray.tune.choice(v) for d, v in self.dims.items()}
+
+    def optuna_distributions(self) -> dict[str, Any]:
+        import optuna
+
+        return {d: optuna.distributions.CategoricalDistribution(v) for d, v in self.dims.items()}
 
 
 class _RowCallback(ray.tune.Callback):
-    """Hands each finished trial's metrics to the study (driver side) as soon as it completes."""
+    """Hands each finished trial's metrics to the study (driver side) as soon as it completes, and
+    tells it when a trial starts."""
 
-    def __init__(self, on_result: Callable[[dict[str, Any]], None]):
-        self.on_result = on_result
+    def __init__(self, on_result: Callable[[dict[str, Any]], None],
+                 on_start: Callable[[str], None] | None = None, space: "SearchSpace | None" = None):
+        self.on_result, self.on_start, self.space = on_result, on_start, space
 
     def __getstate__(self):
         # Tune pickles its callbacks into the experiment state; the live driver object keeps the
-        # function, a restored copy just has none
-        return {"on_result": None}
+        # functions, a restored copy just has none
+        return {"on_result": None, "on_start": None, "space": None}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.on_start is not None and self.space is not None:
+            self.on_start(self.space.setting(trial.config).key())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.on_result is not None:
@@ -230,43 +295,59 @@ class _EnoughTrained(ray.tune.Stopper):
         return self.trained >= self.target
 
 
-def run_search(study: StudyConfig, survivors: list[Setting], known: dict[str, dict], storage: Path,
+def run_search(study: StudyConfig, grid: list[Setting], known: dict[str, dict], survivors: list[Setting],
+               storage: Path, *, eps_defaults: dict[str, float],
                evaluate: Callable[[dict[str, Any]], dict[str, float]], on_result: Callable[[dict], None],
                previous: dict[str, list[float]] | None = None, num_trials: int | None = None,
-               rung_bands: dict[int, dict] | None = None) -> None:
-    """Stage 2: Optuna (multi-objective: speedup up, drift down) chooses which survivors to train.
+               rung_bands: dict[int, Band] | None = None, on_start: Callable[[str], None] | None = None,
+               optuna_storage: str | None = None) -> None:
+    """Stage 2: Optuna (multi-objective: speedup up, quality loss down) chooses what to train.
 
-    The space is one categorical over the survivors: stage 1 already removed the slow, diverging
-    and out-of-memory corners, so no proposal is wasted on them. The fastest untried survivors are
-    proposed first (the likeliest recommendation); ``previous`` ({key: [speedup, drift_in_margins]})
-    are what a resumed study already trained."""
+    It searches the real dimensions (``SearchSpace``), so what it learns about one (fp16 diverging,
+    an eps value losing quality) carries to every setting that shares it; proposals stage 1
+    rejected cost nothing but still teach it. The two fastest untried survivors are proposed first
+    (the likeliest recommendation). TPE's random start-up is a third of the proposals at most. The
+    Optuna study lives in ``optuna_storage`` (an SQLAlchemy URL; optuna-dashboard opens it), where
+    what a resumed study already trained (``previous``: {key: [speedup, drift_in_margins]}) is
+    entered as finished trials before the search starts: learned from, never trained again."""
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     num_trials = study.budget.max_trials if num_trials is None else num_trials
     if num_trials <= 0 or not survivors:
         return
     previous = previous or {}
-    keys = [s.key() for s in sorted(survivors, key=lambda s: -float(known[s.key()].get("speedup") or 0.0))]
-    untried = [k for k in keys if k not in previous]
-    first = untried[: min(2, num_trials)]
+    space = SearchSpace(grid, eps_defaults)
+    by_key = {s.key(): s for s in grid}
+    ordered = sorted(survivors, key=lambda s: -float(known[s.key()].get("speedup") or 0.0))
+    first = [space.params(s) for s in ordered if s.key() not in previous][: min(2, num_trials)]
+    proposals = num_trials * 4  # proposals are cheap unless they train
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = f"{study.experiment}-stage2-{time.strftime('%Y%m%d-%H%M%S')}"
+    optuna_store = (optuna.storages.RDBStorage(optuna_storage) if optuna_storage
+                    else optuna.storages.InMemoryStorage())
+    optuna_study = optuna.create_study(study_name=name, storage=optuna_store, directions=["maximize", "minimize"],
+                                       load_if_exists=True)
+    distributions = space.optuna_distributions()
+    for key, values in previous.items():
+        if key in by_key:
+            optuna_study.add_trial(optuna.trial.create_trial(params=space.params(by_key[key]),
+                                                             distributions=distributions, values=values))
     searcher = OptunaSearch(
-        metric=["speedup", "drift_in_margins"], mode=["max", "min"], seed=study.seed,
-        # previously trained keys come back from the trial cache at no cost, so Optuna learns them
-        points_to_evaluate=[{"setting": k} for k in list(previous) + first] or None,
+        metric=["speedup", "drift_in_margins"], mode=["max", "min"], study_name=name, storage=optuna_store,
+        sampler=optuna.samplers.TPESampler(n_startup_trials=max(1, min(10, proposals // 3)), seed=study.seed),
+        points_to_evaluate=first or None,
     )
-    space = {"setting": ray.tune.choice(keys)}
-    candidates = {s.key(): {"setting": s.model_dump(mode="json"), "profile": known[s.key()]} for s in survivors}
-    trainable = ray.tune.with_parameters(quality_trial, study_json=study.model_dump(mode="json"),
-                                         candidates=candidates, storage=str(storage), evaluate=evaluate,
-                                         rung_bands=rung_bands)
-    # proposals are cheap unless they train: allow several per trained trial
+    trainable = ray.tune.with_parameters(quality_trial, study=study, space=space, profiled=known,
+                                         survivors={s.key() for s in survivors}, storage=str(storage),
+                                         evaluate=evaluate, rung_bands=rung_bands)
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": 1}),
-        param_space=space,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=num_trials * 4,
+        param_space=space.tune_space(),
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=proposals,
                                         max_concurrent_trials=study.resources.max_concurrent_trials),
         run_config=ray.tune.RunConfig(name=f"search-{len(previous)}", storage_path=str(storage),
-                                      callbacks=[_RowCallback(on_result)], stop=_EnoughTrained(num_trials),
+                                      callbacks=[_RowCallback(on_result, on_start, space)], stop=_EnoughTrained(num_trials),
                                       verbose=0),
     )
     run_interruptibly(tuner.fit)
@@ -295,26 +376,19 @@ def probe_device(study: StudyConfig) -> dict[str, Any]:
 
 
 @ray.remote(max_retries=0)
-def _find_batches(study_json: dict, settings_json: list[dict]) -> list[dict[str, Any]]:
+def _find_batches(study: StudyConfig, settings: list[Setting]) -> list[dict[str, Any]]:
     """On a worker with the trial's resources: the largest fitting batch of each setting."""
     import torch
 
     from orchestrator.batch_finder import find_batch_for_setting
 
-    study = StudyConfig.model_validate(study_json)
     device = "cuda" if study.resources.use_gpu and torch.cuda.is_available() else "cpu"
-    out = []
-    for setting in settings_json:
-        found = find_batch_for_setting(study.model.name, study.model.options, study.model.preset,
-                                       study.data.model_dump(mode="json"), setting, device=device,
-                                       budget_mib=study.resources.memory_budget_mib)
-        out.append(found.as_dict())
-    return out
+    return [find_batch_for_setting(study, setting, device=device).as_dict() for setting in settings]
 
 
 def find_batches(study: StudyConfig, settings: list[Setting]) -> list[dict[str, Any]]:
     """``batch_size: auto``: one ``BatchSearch`` dict per setting (its batch size is ignored)."""
     resources = study.resources
     task = _find_batches.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
-    ref = task.remote(study.model_dump(mode="json"), [s.model_dump(mode="json") for s in settings])
+    ref = task.remote(study, settings)
     return run_interruptibly(lambda: ray.get(ref))

@@ -27,7 +27,7 @@ def tf32_value(value: object) -> object:
 
 
 class SpeedFlags(BaseModel):
-    """Speed techniques that do not change the arithmetic's precision (DESIGN.md §4)."""
+    """Speed techniques that do not change the arithmetic's precision."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

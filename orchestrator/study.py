@@ -1,4 +1,4 @@
-"""A whole study, start to finish (DESIGN.md §3):
+"""A whole study, start to finish (README.md, "How a study works"):
 
   stage 1 "profile"   every candidate setting timed against fp32 in one worker group
   references          the fp32 reference trained with several seeds: the noise band
@@ -11,13 +11,11 @@ their MLflow runs are reused.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
-import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import interrupts
+from orchestrator import interrupts, plan
 from orchestrator import recommend as rec_mod
 from orchestrator import report as report_mod
 from orchestrator import search
@@ -36,6 +34,7 @@ from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.tracking import Tracker
 
 CONFIG_FILE = "study.yaml"
+OPTUNA_FILE = "optuna.db"  # stage 2's Optuna studies: optuna-dashboard sqlite:///<output>/optuna.db
 FINAL_PROFILE = ("ok", "slower", "diverged", "oom", "error")
 
 
@@ -177,30 +176,16 @@ class Study:
         return info
 
     def candidates(self) -> list[Setting]:
-        """The grid on the training device, with eps values equal to the model's defaults dropped
-        (so the default-eps fp32 setting *is* the reference, not a copy of it), minus the reference
-        itself; plus PyTorch's default fp32 where it differs from strict fp32 (TF32 GPUs)."""
-        from models.base import load_model
-
-        defaults = load_model(self.config.model.name, **self.config.model.options).eps_sites
-        reference = self.config.reference.key()
+        """The settings stage 1 profiles on the training device (``plan.candidate_grid``), with the
+        ``batch_size: auto`` settings probed on a worker."""
         device = self.device()
-        unique: dict[str, Setting] = {}
-        if device.torch_default_differs:
-            unique[self.config.torch_default.key()] = self.config.torch_default
-        for setting in self.config.search.for_device(device.tf32_capable).candidates():
-            eps = {k: v for k, v in setting.eps.items() if defaults.get(k) != v}
-            setting = setting.model_copy(update={"eps": eps})
-            unique.setdefault(setting.key(), setting)
+        auto = []
         if self.config.search.auto_batch:
-            for setting in self._auto_batch_settings(list(unique.values())):
-                unique.setdefault(setting.key(), setting)
-        grid = [s for s in unique.values() if s.key() != reference]
-        limit = self.config.budget.max_profiled
-        if len(grid) > limit:
-            self.log(f"the grid has {len(grid)} settings; profiling a random sample of {limit}")
-            keep = [s for s in grid if s == self.config.torch_default]
-            grid = keep + random.Random(self.config.seed).sample([s for s in grid if s not in keep], limit - len(keep))
+            auto = self._auto_batch_settings(plan.candidate_grid(self.config, device))
+        grid = plan.candidate_grid(self.config, device, auto)
+        full = len(plan.candidate_grid(self.config, device, auto, sample=False))
+        if len(grid) < full:
+            self.log(f"the grid has {full} settings; profiling a random sample of {len(grid)} (budget.max_profiled)")
         return grid
 
     def _auto_batch_settings(self, grid: list[Setting]) -> list[Setting]:
@@ -300,22 +285,31 @@ class Study:
         previous = {r["row_id"]: [float(r.get("speedup") or 0.0), float(r.get("drift_in_margins", search.PENALTY_DRIFT))]
                     for r in trained if r["row_id"] in by_key and by_key[r["row_id"]] in survivors}
 
+        done_before = len(trained)
+        counter = {"started": 0, "trained": 0}
+        trial_budget = min(budget.max_trials, done_before + len(survivors))
+
+        def on_start(key: str) -> None:
+            if key in by_key and not (self.table.get(key) or {}).get("trial_done"):
+                counter["started"] += 1
+                self.log(f"[stage 2] trial {done_before + counter['started']} of at most {trial_budget}: "
+                         f"training {by_key[key].label()} with {budget.candidate_seeds} seed(s)")
+
         def on_result(metrics: dict[str, Any]) -> None:
             key = metrics.get("setting_key")
             if key not in by_key or not metrics.get("trained"):
                 return
-            # "speedup" in a trial's metrics is Optuna's objective (0 for a diverged trial); the row
-            # keeps the speedup stage 1 measured
-            values = {k: v for k, v in metrics.items() if k not in ("config", "setting_key", "label", "speedup")
-                      and not k.startswith(("time_", "timestamp", "date", "hostname", "node_ip", "pid",
-                                            "training_iteration", "iterations_since", "checkpoint_dir", "done",
-                                            "experiment_tag", "trial_id"))}
-            values.update({"trial_done": 1, "trained_at": _now(), "status": metrics.get("status", "ok"),
-                           "samples_grid": metrics.get("samples_grid") or None})
+            # the trial's row travels whole as JSON; "speedup" there is Optuna's objective (0 for a
+            # diverged trial): the table keeps the speedup stage 1 measured
+            row = json.loads(metrics["row"])
+            values = {k: v for k, v in row.items() if k not in ("setting_key", "label", "speedup", "repeat")}
+            values.update({"trial_done": 1, "trained_at": _now(), "samples_grid": row.get("samples_grid") or None})
             self._candidate_row(by_key[key], values)
-            self.log(f"[stage 2] {by_key[key].label()}: {values['status']}, speedup {metrics.get('speedup', math.nan):.2f}, "
-                     f"mean paired drift {metrics.get('drift', math.nan):+.4f} over {len(json.loads(values.get('seeds', '[]')))} "
-                     f"seed(s) ({metrics.get('drift_in_margins', math.nan):.2f} margins of loss)")
+            counter["trained"] += 1
+            self.log(f"[stage 2] trial {done_before + counter['trained']} of at most {trial_budget} done: "
+                     f"{by_key[key].label()}: {values.get('status')}, speedup {known[key].get('speedup', math.nan):.2f}, "
+                     f"mean paired drift {row.get('drift', math.nan):+.4f} over {len(json.loads(row.get('seeds', '[]')))} "
+                     f"seed(s) ({row.get('drift_in_margins', math.nan):.2f} margins of loss)")
 
         band = basis.band
         rungs = rec_mod.rung_bands(self.table.frame(), band)
@@ -325,10 +319,13 @@ class Study:
                                        or "no reference quality measured part-way (references from an older run)")
                      + f"; a trial more than {self.config.budget.early_stop_bands:g} bands worse stops there")
         started = time.time()
-        search.run_search(self.config, survivors, known, self.storage,
+        from models.base import load_model
+
+        eps_defaults = load_model(self.config.model.name, **self.config.model.options).eps_sites
+        search.run_search(self.config, settings, known, survivors, self.storage, eps_defaults=eps_defaults,
                           evaluate=functools.partial(rec_mod.score_trial, basis=basis),
-                          on_result=on_result, previous=previous, num_trials=remaining,
-                          rung_bands={n: dataclasses.asdict(b) for n, b in rungs.items()})
+                          on_result=on_result, on_start=on_start, previous=previous, num_trials=remaining,
+                          rung_bands=rungs, optuna_storage=f"sqlite:///{self.output / OPTUNA_FILE}")
         self.timings["search"] = time.time() - started
 
     # ------------------------------------------------------------------ all of it

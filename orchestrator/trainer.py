@@ -52,9 +52,10 @@ class RunRecord:
 
 
 def is_oom(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the allocator's 'out of memory' RuntimeError on other devices."""
+    """Out of memory: CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's
+    'out of memory' error on other devices. The project's one test for it."""
     oom_type = getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(error, oom_type) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+    return isinstance(error, (MemoryError, oom_type)) or "out of memory" in str(error).lower()
 
 
 def default_device() -> torch.device:
@@ -358,8 +359,6 @@ class Trainer:
         seconds so far, and the affinity plan."""
         flags = self.setting.flags
         info: dict[str, Any] = {f"optimizer_impl_{n}": impl for n, impl in self.policy.optimizer_impl.items()}
-        if flags.fused_optimizer:
-            info["optimizer_apex"] = fusion.apex_fused_adam()[1]
         if flags.fusion != "none":
             info.update(fusion.status(flags.fusion))
         info["affinity"] = self.affinity.describe() if self.affinity is not None else "off"

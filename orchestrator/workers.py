@@ -22,8 +22,9 @@ import torch
 from models.base import load_model
 from orchestrator import interrupts
 from orchestrator.config import StudyConfig
-from orchestrator.measure import paired_profile
-from orchestrator.memory import peak_memory_mib
+from orchestrator.data.check import DataError
+from orchestrator.measure import ProfileResult, paired_profile
+from orchestrator.memory import measure_settings
 from orchestrator.quality import QualityMeter
 from orchestrator.recommend import Band, stops_early
 from orchestrator.schedule import Pause, training_schedule
@@ -105,33 +106,15 @@ def _trainer(study: StudyConfig, setting: Setting, seed: int) -> Trainer:
 
 
 def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Profile each setting against the fp32 reference in this one worker group."""
+    """Profile each setting against the fp32 reference in this one worker group, then measure the
+    peak memory of the reference and of every setting that ran in one fresh process
+    (``orchestrator.memory``). ``config``: {"study": StudyConfig, "settings": [Setting]}."""
     _quiet_ray_train()
-    study = StudyConfig.model_validate(config["study"])
-    settings = [Setting.model_validate(s) for s in config["settings"]]
+    study: StudyConfig = config["study"]
+    settings: list[Setting] = config["settings"]
     budget = study.budget
     progress, _ = _restore_progress()
     done: dict[str, Any] = progress.get("done", {})
-    device = str(ray.train.torch.get_device())
-
-    memory_cache: dict[str, dict[str, Any]] = {}
-
-    def memory(setting: Setting) -> dict[str, Any]:
-        """Peak memory (rank 0). eps values cannot change memory: settings differing only in eps
-        share one measurement."""
-        if _rank() != 0:
-            return {}
-        shape_key = setting.model_copy(update={"eps": {}}).key()
-        if shape_key in memory_cache:
-            return memory_cache[shape_key]
-        status, mib, method = peak_memory_mib(study.model.name, study.model.options, study.model.preset,
-                                              study.data.model_dump(mode="json"),
-                                              setting.model_dump(mode="json"), device=device)
-        memory_cache[shape_key] = {"peak_memory_mib": mib, "memory_method": method, "memory_status": status}
-        return memory_cache[shape_key]
-
-    if "reference" not in done:
-        done["reference"] = memory(study.reference)
     reference = _trainer(study, study.reference, study.seed)
     # PyTorch's default fp32 first (when it is in the grid): its speedup is a second threshold every
     # other setting's interval must decide against (faster than what the user runs today, or not)
@@ -152,25 +135,53 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
             done[key] = {"status": status, "reason": f"{type(error).__name__}: {error}"}
         else:
             built = time.time()
-            result = paired_profile(reference, candidate, steps=budget.profile_steps,
-                                    rounds=budget.profile_rounds, max_rounds=budget.profile_max_rounds,
-                                    warmup=budget.profile_warmup, slower_than=1.0, decide=decide)
-            stepped = time.time()
+            try:
+                result = paired_profile(reference, candidate, steps=budget.profile_steps,
+                                        rounds=budget.profile_rounds, max_rounds=budget.profile_max_rounds,
+                                        warmup=budget.profile_warmup, slower_than=1.0, decide=decide)
+            except DataError as error:  # a file that went bad after the up-front check: this setting's error
+                result = ProfileResult(status="error", reason=str(error))
             done[key] = {**result.as_dict(), "build_seconds": built - started,
-                         "profile_step_seconds": stepped - built,  # quality training adds its step_seconds
+                         "profile_step_seconds": time.time() - built,  # quality training adds its step_seconds
                          # what the speed flags resolved to (optimizer impl, fusion fallbacks, affinity)
                          **{f"speed_{k}": v for k, v in candidate.speed_info.items()}}
             del candidate
-            if result.status in ("ok", "slower"):
-                done[key].update(memory(setting))
-                done[key]["memory_seconds"] = time.time() - stepped
         done[key].update(profile_seconds=time.time() - started, start_time=started, end_time=time.time())
-        _report({"profiled": len(done) - 1, "of": len(settings)}, {"done": done})
+        _report({"profiled": len(done), "of": len(settings)}, {"done": done})
         if _rank() == 0:
             print(f"[profile] {index + 1}/{len(settings)} {setting.label()}: {done[key].get('status')} "
                   f"speedup={done[key].get('speedup', math.nan):.3f}", flush=True)
         interrupts.pause_point("stage1")
+    del reference
+    _measure_memory(study, settings, done)
     return done
+
+
+def _measure_memory(study: StudyConfig, settings: list[Setting], done: dict[str, Any]) -> None:
+    """Peak memory of the reference and of every setting that ran, in one fresh process (rank 0
+    measures; eps values cannot change memory, so settings differing only in eps share one)."""
+    wanted = {"reference": study.reference} if "memory_status" not in done.get("reference", {}) else {}
+    wanted.update({s.key(): s for s in settings if done.get(s.key(), {}).get("status") in ("ok", "slower")
+                   and "memory_status" not in done[s.key()]})
+    if not wanted:
+        return
+    shapes: dict[str, Setting] = {}
+    for setting in wanted.values():
+        shapes.setdefault(setting.model_copy(update={"eps": {}}).key(), setting.model_copy(update={"eps": {}}))
+    started = time.time()
+    if _rank() == 0:
+        measured = dict(zip(shapes, measure_settings(study.model.name, study.model.options, study.model.preset,
+                                                     study.data, list(shapes.values()),
+                                                     device=str(ray.train.torch.get_device()))))
+        seconds = (time.time() - started) / len(shapes)
+        for key, setting in wanted.items():
+            result = measured[setting.model_copy(update={"eps": {}}).key()]
+            done.setdefault(key, {}).update(peak_memory_mib=result.mib, memory_method=result.method,
+                                            memory_status=result.status, memory_reason=result.reason,
+                                            memory_seconds=seconds)
+        print(f"[profile] peak memory of {len(shapes)} settings measured in one fresh process "
+              f"({time.time() - started:.0f} s)", flush=True)
+    _report({"profiled": len(done), "of": len(settings)}, {"done": done})
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -218,7 +229,9 @@ class SeedRun:
                  stop_bands: float | None, progress: dict[str, Any]):
         self.study, self.setting, self.seed = study, setting, seed
         self.rung_bands, self.stop_bands = rung_bands, stop_bands
+        built = time.time()
         self.trainer = _trainer(study, setting, seed)
+        self.build_seconds, self.midway_eval_seconds = time.time() - built, 0.0
         mine = progress.get("current_seed") == seed
         self.curve: list[list[float]] = progress.get("curve", []) if mine else []
         self.rung_quality: dict[str, dict[str, float]] = progress.get("rung_quality", {}) if mine else {}
@@ -243,8 +256,10 @@ class SeedRun:
     def train_to(self, pause: Pause) -> tuple[str, str]:
         """Train up to ``pause``; (status, reason) of the run so far."""
         started = time.time()
+        first = self.trainer.step
         record = self.trainer.run(pause.step - self.trainer.step)
         self.train_seconds += time.time() - started
+        self._progress(first, started)
         self.step_times += record.step_times
         self.skipped += _skipped_steps(record)
         if record.losses:
@@ -253,12 +268,25 @@ class SeedRun:
                                means.get("loss_discriminator", math.nan)])
         return record.status, record.reason
 
+    def _progress(self, first_step: int, started: float) -> None:
+        """One line per chunk: samples done, rate, and when this seed will be done."""
+        if _rank() != 0 or self.trainer.step <= first_step:
+            return
+        per_step = self.setting.batch_size * self.trainer.world_size
+        rate = (self.trainer.step - first_step) * per_step / max(time.time() - started, 1e-9)
+        total = self.study.budget.train_samples
+        left = max(0, total - self.trainer.samples_seen)
+        print(f"[progress] {self.setting.label()} seed {self.seed}: {min(self.trainer.samples_seen, total)}/{total} "
+              f"samples, {rate:.1f} samples/s, ETA {left / rate if rate > 0 else math.nan:.0f} s", flush=True)
+
     def measure(self, pause: Pause) -> dict[str, float]:
         """Quality part-way (a curve point), with the training time it took to get there."""
         key = str(pause.samples)
         if key not in self.rung_quality:
+            started = time.time()
             self.rung_quality[key] = {**evaluate_midway(self.trainer, self.study),
                                       "train_seconds": self.train_seconds, "at": time.time()}
+            self.midway_eval_seconds += time.time() - started
         return self.rung_quality[key]
 
     def stops_here(self, pause: Pause, measured: dict[str, float]) -> dict[str, Any] | None:
@@ -279,6 +307,7 @@ class SeedRun:
         return {
             "status": status, "reason": reason, "seed": self.seed, "steps": trainer.step,
             "samples": trainer.samples_seen, "train_seconds": self.train_seconds, "step_seconds": self.train_seconds,
+            "run_build_seconds": self.build_seconds, "eval_seconds": self.midway_eval_seconds,
             "start_time": self.started_at, "skipped_steps": self.skipped, "curve": self.curve,
             "resumed_from_step": self.resumed_from, "world_size": trainer.world_size,
             "worker_nodes": _worker_nodes(), "rung_quality": json.dumps(self.rung_quality),
@@ -294,14 +323,15 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     The pauses come from ``orchestrator.schedule.training_schedule``: quality is measured at every
     curve point and early-stop rung (recorded as ``rung_quality`` with the training seconds spent
-    by then); with ``config["rung_bands"]`` ({samples: Band fields}, the references' quality there)
-    a seed whose drift at a rung is more than ``config["stop_bands"]`` bands harmful stops with
-    status "stopped"."""
+    by then); with ``config["rung_bands"]`` ({samples: Band}, the references' quality there) a seed
+    whose drift at an early-stop rung is more than ``budget.early_stop_bands`` bands harmful stops
+    with status "stopped". ``config``: {"study": StudyConfig, "setting": Setting, "seeds": [int],
+    "rung_bands": {int: Band}}."""
     _quiet_ray_train()
-    study = StudyConfig.model_validate(config["study"])
-    setting = Setting.model_validate(config["setting"])
+    study: StudyConfig = config["study"]
+    setting: Setting = config["setting"]
     seeds: list[int] = config["seeds"]
-    rung_bands = {int(k): Band(**v) for k, v in (config.get("rung_bands") or {}).items()}
+    rung_bands: dict[int, Band] = config.get("rung_bands") or {}
     budget = study.budget
     progress, restored_dir = _restore_progress()
     finished: dict[str, Any] = progress.get("finished", {})
@@ -310,18 +340,21 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
     for seed in seeds:
         if str(seed) in finished:
             continue
-        run = SeedRun(study, setting, seed, rung_bands, config.get("stop_bands"), progress)
+        run = SeedRun(study, setting, seed, rung_bands, budget.early_stop_bands, progress)
         if progress.get("current_seed") == seed and restored_dir is not None:
             run.resume(restored_dir)
         schedule = training_schedule(train_samples=budget.train_samples,
                                      per_step=setting.batch_size * run.trainer.world_size,
                                      checkpoint_every=budget.checkpoint_every,
-                                     measure_samples=config.get("rungs", []), stop_samples=config.get("stops", []))
+                                     measure_samples=budget.rung_samples(), stop_samples=budget.stop_samples())
         status, reason, early = "ok", "", {}
         for pause in schedule:
             if pause.step <= run.trainer.step and not pause.final:
                 continue  # done before a restart
-            status, reason = run.train_to(pause)
+            try:
+                status, reason = run.train_to(pause)
+            except DataError as error:  # a file that went bad after the up-front check: this run's error
+                status, reason = "error", str(error)
             if status != "ok" or pause.final:
                 break
             if pause.measure:
@@ -336,7 +369,7 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
         if status == "ok":
             eval_started = time.time()
             result.update(evaluate(run.trainer, study, grid if seed == seeds[0] else None))
-            result["eval_seconds"] = time.time() - eval_started
+            result["eval_seconds"] += time.time() - eval_started
             if not all(math.isfinite(v) for k, v in result.items() if k.startswith("quality_") and k != "quality_psnr"):
                 result["status"], result["reason"] = "diverged", "non-finite quality metrics"
         result["end_time"] = time.time()

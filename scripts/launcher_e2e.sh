@@ -7,19 +7,24 @@
 #   runs checked on the head's server -> `ray down` -> nothing of the test cluster left running.
 #
 #   bash scripts/launcher_e2e.sh [--keep]      # --keep: leave the work directory for inspection
-#   AMP_LAUNCHER_E2E=1 pytest -m launcher      # the same, as a test (tests/test_multinode.py)
+#   pytest -m launcher                         # the same, as a test (tests/test_multinode.py; part
+#                                              # of the default suite)
 #
-# Needs: openssh-server, openssh-client, rsync and netcat-openbsd (Debian/Ubuntu:
-# `apt-get install -y openssh-server openssh-client rsync netcat-openbsd`); the project installed in
-# this Python (`pip install -e .`); permission to run sshd and log in as the current user over SSH
-# (root on a CI container). Takes ~2 minutes on 2 cores (`ray up` ~15 s, the study ~65 s). Every
-# socket it opens is on 127.0.0.1.
+# Needs: openssh-server, openssh-client, rsync and netcat-openbsd (`bash scripts/install_launcher_tools.sh`
+# installs them with apt-get; .ci/run does); the project installed in this Python (`pip install -e .`);
+# the package index reachable (the session's venv builds the project with build isolation, which
+# fetches setuptools); permission to run sshd and log in over SSH as the current user (sshd runs as
+# that user, so no root is needed outside CI). Takes ~2 minutes on 2 cores (`ray up` ~20 s, the study
+# ~65 s). Every socket it opens is on 127.0.0.1.
 #
 # Isolation from the rest of the machine:
 #   * the SSH session's HOME is a fresh temporary directory (sshd SetEnv), so `ray up` writes its
 #     bootstrap files, the venv, ~/.bashrc and ~/.ray/auth_token there, not in your home;
-#   * the test cluster uses free ports and a private Ray temp dir, and RAY_ADDRESS points the study
-#     at it, never at another Ray on the machine;
+#   * the test cluster uses free ports and a private Ray temp dir, and every Ray client addresses it
+#     explicitly: RAY_ADDRESS=127.0.0.1:<its GCS port> in the session's ~/.bashrc (the study, the
+#     Ray processes `ray start` spawns), and this script unsets any RAY_ADDRESS it inherited. Nothing
+#     relies on Ray's auto-detection, which fails with "Found multiple active Ray instances" (or
+#     picks another cluster) when other Ray clusters run on the machine;
 #   * `ray up` and `ray down` run `ray stop`, which stops EVERY Ray process of the user on the
 #     machine. The session's PATH starts with a `ray` wrapper that narrows `ray stop` to the
 #     processes of this test cluster (found by its temp dir and GCS port, ended by pid). Even so,
@@ -33,6 +38,9 @@ KEEP=0
 [ "${1:-}" = --keep ] && KEEP=1
 
 PYTHON_EXE="$(python -c 'import sys; print(sys.executable)')"
+# the launcher commands below act on the test cluster only, named by its config; never on a Ray
+# cluster this shell happened to point at
+unset RAY_ADDRESS RAY_API_SERVER_ADDRESS
 PYBIN="$(dirname "$PYTHON_EXE")"
 log() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nlauncher e2e: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -149,8 +157,13 @@ AllowTcpForwarding yes
 SetEnv HOME=$SESSION_HOME
 EOF
 mkdir -p /run/sshd 2>/dev/null || true
-"$SSHD" -f "$WORK/sshd_config" -E "$WORK/sshd.log"
-for _ in $(seq 1 50); do [ -s "$WORK/sshd.pid" ] && break; sleep 0.1; done
+"$SSHD" -f "$WORK/sshd_config" -E "$WORK/sshd.log" || fail "sshd did not start (log: $WORK/sshd.log)"
+# sshd writes its pid file once it listens; wait for it and for the port, up to a deadline
+DEADLINE=$((SECONDS + 30))
+until [ -s "$WORK/sshd.pid" ] && nc -z 127.0.0.1 "$SSH_PORT" 2>/dev/null; do
+  [ "$SECONDS" -lt "$DEADLINE" ] || fail "sshd is not listening on 127.0.0.1:$SSH_PORT after 30 s (log: $WORK/sshd.log)"
+  sleep 0.2
+done
 SSHD_PID="$(cat "$WORK/sshd.pid")"
 
 # the session's login environment: this machine's Python, the wrapper, the test cluster's ports
@@ -163,16 +176,17 @@ cd ~
 EOF
 
 # the config: examples/cluster-local-test.yaml with this run's key, sshd port, name and project path
-"$PYTHON_EXE" - "$ROOT" "$CONFIG" "$WORK/client_key" "$SSH_PORT" "$CLUSTER_NAME" <<'EOF'
+"$PYTHON_EXE" - "$ROOT" "$CONFIG" "$WORK/client_key" "$SSH_PORT" "$CLUSTER_NAME" "$(id -un)" <<'EOF'
 import sys
 from pathlib import Path
 
 import yaml
 
-root, target, key, port, name = sys.argv[1:]
+root, target, key, port, name, user = sys.argv[1:]
 config = yaml.safe_load((Path(root) / "examples" / "cluster-local-test.yaml").read_text())
 config["cluster_name"] = name
-config["auth"].update(ssh_private_key=key, ssh_proxy_command=f"nc 127.0.0.1 {port}")
+# sshd runs as this user, so it can only log this user in (root in CI, you on a laptop)
+config["auth"].update(ssh_user=user, ssh_private_key=key, ssh_proxy_command=f"nc 127.0.0.1 {port}")
 config["file_mounts"] = {"~/amp-study": root}
 Path(target).write_text(yaml.safe_dump(config, sort_keys=False))
 EOF
@@ -198,15 +212,17 @@ ray up -y --no-config-cache "$CONFIG" > "$WORK/ray-up.log" 2>&1 || { tail -n 40 
 tail -n 15 "$WORK/ray-up.log"
 echo "ray up: ${SECONDS}s"
 
-log "the head: project imported from the mounted copy, MLflow URI exported"
-ray exec "$CONFIG" 'python -c "import orchestrator; print(\"IMPORTED\", orchestrator.__file__)"; echo "URI $MLFLOW_TRACKING_URI"' \
+log "the head: project imported from the mounted copy, MLflow URI and the cluster's address exported"
+ray exec "$CONFIG" 'python -c "import orchestrator; print(\"IMPORTED\", orchestrator.__file__)"; echo "URI $MLFLOW_TRACKING_URI"; echo "ADDRESS $RAY_ADDRESS"' \
   > "$WORK/ray-exec.log" 2>&1 || fail "ray exec (log: $WORK/ray-exec.log)"
-grep -aE '^(IMPORTED|URI) ' "$WORK/ray-exec.log" || fail "no import/URI lines in $WORK/ray-exec.log"
+grep -aE '^(IMPORTED|URI|ADDRESS) ' "$WORK/ray-exec.log" || fail "no import/URI/address lines in $WORK/ray-exec.log"
 
-log "ray submit run_experiment.py (a tiny study)"
+# as the README runs it (`--address auto`: the head's Ray, and the MLflow server the head runs,
+# found by the study itself); RAY_ADDRESS in the session's ~/.bashrc makes "auto" this cluster
+log "ray submit run_experiment.py -- --address auto (a tiny study)"
 ray rsync-up "$CONFIG" "$WORK/study.yaml" '~/e2e-study.yaml' > "$WORK/rsync-up.log" 2>&1 || fail "ray rsync-up"
 SUBMIT_STARTED=$SECONDS
-ray submit "$CONFIG" "$ROOT/run_experiment.py" -- --search-space '~/e2e-study.yaml' --output '~/runs/launcher-e2e' \
+ray submit "$CONFIG" "$ROOT/run_experiment.py" -- --address auto --search-space '~/e2e-study.yaml' --output '~/runs/launcher-e2e' \
   > "$WORK/ray-submit.log" 2>&1 || { tail -n 60 "$WORK/ray-submit.log"; fail "ray submit (log: $WORK/ray-submit.log)"; }
 tail -n 25 "$WORK/ray-submit.log"
 echo "ray submit: $((SECONDS - SUBMIT_STARTED))s"
@@ -220,7 +236,6 @@ log "ray down"
 ray down -y "$CONFIG" > "$WORK/ray-down.log" 2>&1 || { tail -n 30 "$WORK/ray-down.log"; fail "ray down (log: $WORK/ray-down.log)"; }
 grep -a "scoped" "$WORK/ray-down.log" || true
 CLUSTER_UP=0
-sleep 2
 
 log "check"
 "$PYTHON_EXE" - "$WORK" "$MLFLOW_PORT" "$RAY_TMP" "$GCS_PORT" "${AMP_E2E_REPORT:-}" <<'EOF'
@@ -236,8 +251,10 @@ work, mlflow_port, ray_tmp, gcs_port, report = Path(sys.argv[1]), sys.argv[2], s
 exec_log = (work / "ray-exec.log").read_text()
 imported = re.search(r"^IMPORTED (\S+)", exec_log, re.M).group(1)
 uri = re.search(r"^URI (\S+)", exec_log, re.M).group(1)
+address = re.search(r"^ADDRESS (\S+)", exec_log, re.M).group(1)
 assert imported == str(work / "home" / "amp-study" / "orchestrator" / "__init__.py"), imported
 assert uri == f"http://127.0.0.1:{mlflow_port}", uri
+assert address == f"127.0.0.1:{gcs_port}", address  # the study addressed this cluster, by name
 
 results = work / "results"
 table = pd.read_parquet(results / "results.parquet")
@@ -257,8 +274,23 @@ assert len(parent) == 1 and len(children) == len(rows), (len(parent), len(childr
 pattern = re.compile(re.escape(ray_tmp) + r"(?![\w.-])|(\d{1,3}\.){3}\d{1,3}:" + gcs_port + r"(?!\d)")
 me = psutil.Process()
 spared = {me.pid, *(p.pid for p in me.parents())}  # this check names the temp dir in its own arguments
-left = [p.pid for p in psutil.process_iter(["cmdline"])
-        if p.pid not in spared and pattern.search(" ".join(p.info["cmdline"] or []))]
+
+
+def test_cluster_processes():
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.pid in spared or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if pattern.search(" ".join(proc.info["cmdline"] or [])):
+            found.append(proc)
+    return found
+
+
+# `ray down` returns once its `ray stop` has ended the processes it found; processes they were
+# still spawning may take a moment to go: wait for them to end, up to a deadline
+left = test_cluster_processes()
+gone, alive = psutil.wait_procs(left, timeout=30)
+left = [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 assert not left, f"left running after ray down: {left}"
 
 summary = {"project_imported_from": imported, "tracking_uri": uri, "rows": int(len(rows)),

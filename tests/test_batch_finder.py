@@ -110,17 +110,34 @@ def test_arguments_are_checked():
         find_max_batch(linear_memory(0, 1), start=0)
     with pytest.raises(ValueError):
         find_max_batch(linear_memory(0, 1), margin=1.0)
-    with pytest.raises(ValueError, match="budget_mib"):
-        find_batch_for_setting("pix2pixhd", {}, "tiny", DataConfig().model_dump(mode="json"),
-                               Setting().model_dump(mode="json"), device="cpu")
+    from orchestrator.config import parse_config
+
+    study = parse_config({"experiment": "x", "model": {"name": "pix2pixhd"}})
+    with pytest.raises(ValueError, match="memory_budget_mib"):
+        find_batch_for_setting(study, Setting(), device="cpu")
 
 
 def test_real_tiny_probe_in_fresh_processes():
     """Two fresh-process probes of pix2pixHD tiny at 32x32: each measures a finite, positive peak,
     the data set is enlarged to hold the batch, and a generous budget lets both fit."""
-    data = DataConfig(height=32, width=32, train_samples=1).model_dump(mode="json")
-    probe = trainer_probe("pix2pixhd", {}, "tiny", data, Setting(opt_level="O0").model_dump(mode="json"), steps=1)
+    data = DataConfig(height=32, width=32, train_samples=1)
+    probe = trainer_probe("pix2pixhd", {}, "tiny", data, Setting(opt_level="O0"), steps=1)
     search = find_max_batch(probe, start=1, limit=2, budget_mib=64_000)
     assert search.batch_size == 2
     assert [p.status for p in search.probes] == ["ok", "ok"], [p.reason for p in search.probes]
     assert all(math.isfinite(p.peak_mib) and p.peak_mib > 0 for p in search.probes)
+
+
+def test_one_fresh_process_measures_several_settings_and_survives_a_failing_one():
+    """The stage-1 memory pass: settings measured in sequence in one process (peak counter reset
+    between them), a larger batch needs more, and a setting that fails is reported, not fatal."""
+    from orchestrator.memory import measure_settings
+
+    data = DataConfig(height=32, width=32, train_samples=8)
+    small, large = Setting(opt_level="O0", batch_size=1), Setting(opt_level="O0", batch_size=8)
+    broken = Setting(opt_level="O0", batch_size=64)  # more than the 8 samples: the trainer refuses it
+    results = measure_settings("pix2pixhd", {}, "tiny", data, [small, broken, large], steps=1)
+    assert [r.status for r in results] == ["ok", "error", "ok"], results
+    assert "batch_size 64" in results[1].reason
+    assert 0 < results[0].mib < results[2].mib
+    assert "shared-process" in results[0].method

@@ -110,6 +110,23 @@ def test_nodes_install_torch_then_the_mounted_project(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_project_builds_without_the_system_pythons_build_tools(path):
+    """A fresh Python 3.11 has setuptools 65.5 and no `wheel`: building with them
+    (`--no-build-isolation`) fails with "invalid command 'bdist_wheel'". Every config installs the
+    project into a venv with its own installer (pip from ensurepip, or uv) and builds it in an isolated
+    environment with the build requirements pyproject.toml names."""
+    setup = load(path)["setup_commands"]
+    text = " ".join(setup)
+    assert "--no-build-isolation" not in text and "--without-pip" not in text
+    venv = next(c for c in setup if "amp-venv" in c and ("venv " in c or "-m venv" in c))
+    assert "--seed" in venv or ("-m venv" in venv and "--without-pip" not in venv)  # the venv's own pip
+    install = next(c for c in setup if "-e ~/amp-study" in c)
+    assert "amp-venv/bin/python -m pip install" in install or "--python ~/amp-venv/bin/python" in install
+    requires = re.search(r"requires = \[([^\]]*)\]", (ROOT / "pyproject.toml").read_text()).group(1)
+    assert "setuptools>=" in requires  # what the isolated build fetches: one that builds wheels itself
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_head_starts_mlflow_before_ray_and_keeps_services_internal(path):
     config = load(path)
     head = config["head_start_ray_commands"]

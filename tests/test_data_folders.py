@@ -10,6 +10,7 @@ from PIL import Image
 
 from models.pix2pixhd import Pix2PixHD
 from orchestrator.config import DataConfig
+from orchestrator.data.check import DataError
 from orchestrator.data.folders import FolderDataset
 
 W, H = 8, 6  # stored size
@@ -71,7 +72,7 @@ def test_model_uses_folder_kind(tmp_path):
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(DataError, match="nowhere: the data root does not exist"):
         FolderDataset(cfg(tmp_path / "nowhere"))
 
 
@@ -80,30 +81,30 @@ def test_missing_folder(tmp_path):
     for path in (tmp_path / "train_img").iterdir():
         path.unlink()
     (tmp_path / "train_img").rmdir()
-    with pytest.raises(FileNotFoundError, match="train_img"):
+    with pytest.raises(DataError, match="train_img: the train split needs this folder"):
         FolderDataset(cfg(tmp_path))
-    with pytest.raises(FileNotFoundError, match="test_label"):
+    with pytest.raises(DataError, match="test_label: the val split needs this folder"):
         FolderDataset(cfg(tmp_path), "val")
 
 
 def test_no_label_files(tmp_path):
     (tmp_path / "train_label").mkdir()
     (tmp_path / "train_img").mkdir()
-    with pytest.raises(ValueError, match="no .png label files in .*train_label"):
+    with pytest.raises(DataError, match="train_label: no .png label files"):
         FolderDataset(cfg(tmp_path))
 
 
 def test_label_without_image_is_named(tmp_path):
     write_tree(tmp_path, names=("a", "b", "c"))
     (tmp_path / "train_img" / "b.png").unlink()
-    with pytest.raises(ValueError, match=r"labels without an image .*: b\.png$"):
+    with pytest.raises(DataError, match=r"^\S+/train_label/b\.png: label map without a photo \(b\.png/\.jpg in \S+/train_img\)$"):
         FolderDataset(cfg(tmp_path))
 
 
 def test_label_without_instance_is_named(tmp_path):
     write_tree(tmp_path)
     (tmp_path / "train_inst" / "a.png").unlink()
-    with pytest.raises(ValueError, match=r"instance map .*: a\.png"):
+    with pytest.raises(DataError, match=r"train_label/a\.png: label map without an instance map"):
         FolderDataset(cfg(tmp_path))
 
 
@@ -111,7 +112,7 @@ def test_size_mismatch_names_both_files(tmp_path):
     write_tree(tmp_path)
     Image.new("RGB", (W + 1, H)).save(tmp_path / "train_img" / "a.png")
     data = FolderDataset(cfg(tmp_path))
-    with pytest.raises(ValueError, match=r"size mismatch: .*train_img/a\.png is 9x6 .*train_label/a\.png is 8x6"):
+    with pytest.raises(DataError, match=r"train_img/a\.png: size mismatch: the photo is 9x6 but .*train_label/a\.png is 8x6"):
         data[0]
     data[1]  # the other pair is fine
 
@@ -119,12 +120,12 @@ def test_size_mismatch_names_both_files(tmp_path):
 def test_label_id_out_of_range_is_named(tmp_path):
     write_tree(tmp_path)
     data = FolderDataset(cfg(tmp_path), label_nc=8)  # both samples have ids up to 23
-    with pytest.raises(ValueError, match=r"train_label/a\.png: label ids span 0\.\.23, outside 0\.\.7"):
+    with pytest.raises(DataError, match=r"train_label/a\.png: label ids span 0\.\.23, outside 0\.\.7"):
         data[0]
 
 
 def test_rgb_label_is_rejected(tmp_path):
     write_tree(tmp_path)
     Image.new("RGB", (W, H)).save(tmp_path / "train_label" / "a.png")
-    with pytest.raises(ValueError, match=r"a\.png: expected a single-channel"):
+    with pytest.raises(DataError, match=r"train_label/a\.png: expected a single-channel id map, got a 3-channel RGB"):
         FolderDataset(cfg(tmp_path))[0]

@@ -173,14 +173,14 @@ def test_ctrl_c_in_every_phase_stops_at_once_and_resume_repeats_nothing(tmp_path
             session = (pd.read_parquet(out / "results.parquet").set_index("row_id").get("ray_session_dir", {})
                        .get("study"))
             if isinstance(session, str) and session:
-                wait_for(lambda: not study_processes(session), 60, f"the Ray processes of {session} to end")
+                wait_for(lambda s=session: not study_processes(s), 60, f"the Ray processes of {session} to end")
 
     output = finish(start(space, out, "--resume"))
     assert "Traceback" not in output
     table = pd.read_parquet(out / "results.parquet")
     candidates = table[table["kind"] == "candidate"]
     # every setting profiled exactly once over all the runs
-    assert len(seen_profile_lines + [l for l in output.splitlines() if "[profile]" in l]) == len(candidates)
+    assert len(seen_profile_lines + [line for line in output.splitlines() if "[profile]" in line]) == len(candidates)
     assert sorted(table[table["kind"] == "reference"]["seed"].astype(int)) == [0, 1]
     assert candidates["trial_done"].fillna(0).sum() == 1
     assert (out / "report.md").exists()

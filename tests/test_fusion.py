@@ -272,13 +272,3 @@ def test_pix2pixhd_losses_and_gradients_with_fusion(mode):
         torch.testing.assert_close(fused_out[name][0], plain[name][0], rtol=1e-5, atol=1e-6)
         for key, grad in plain[name][1].items():
             torch.testing.assert_close(fused_out[name][1][key], grad, rtol=1e-4, atol=1e-6, msg=key)
-
-
-def test_apex_fused_adam_says_clearly_when_unavailable():
-    cls, message = fusion.apex_fused_adam()
-    try:
-        import apex  # noqa: F401
-    except ImportError:
-        assert cls is None and "apex FusedAdam unavailable" in message and "Adam(fused=True)" in message
-    else:  # pragma: no cover - only on machines with apex
-        assert (cls is not None) == torch.cuda.is_available()

@@ -131,16 +131,16 @@ def test_paper_architecture():
     g = nets.generator
     enc = [b.layer for b in g.encoder]
     dec = [b.layer for b in g.decoder]
-    assert [l.conv.kernel_size[0] for l in enc] == [7, 5, 5, 3, 3, 3, 3, 3]
-    assert [l.conv.stride[0] for l in enc] == [2] * 8
-    assert [l.conv.out_channels for l in enc] == [64, 128, 256, 512, 512, 512, 512, 512]
-    assert isinstance(enc[0].norm, nn.Identity) and all(isinstance(l.norm, nn.BatchNorm2d) for l in enc[1:])
-    assert all(isinstance(l.act, nn.ReLU) for l in enc)
+    assert [layer.conv.kernel_size[0] for layer in enc] == [7, 5, 5, 3, 3, 3, 3, 3]
+    assert [layer.conv.stride[0] for layer in enc] == [2] * 8
+    assert [layer.conv.out_channels for layer in enc] == [64, 128, 256, 512, 512, 512, 512, 512]
+    assert isinstance(enc[0].norm, nn.Identity) and all(isinstance(layer.norm, nn.BatchNorm2d) for layer in enc[1:])
+    assert all(isinstance(layer.act, nn.ReLU) for layer in enc)
     # PConv9..16: upsampled features + skip features in, the skip's width out; the last one 64+3 -> 3
-    assert [(l.conv.in_channels, l.conv.out_channels) for l in dec] == [
+    assert [(layer.conv.in_channels, layer.conv.out_channels) for layer in dec] == [
         (1024, 512), (1024, 512), (1024, 512), (1024, 512), (768, 256), (384, 128), (192, 64), (67, 3)]
-    assert all(l.conv.kernel_size[0] == 3 and l.conv.stride[0] == 1 for l in dec)
-    assert all(isinstance(l.norm, nn.BatchNorm2d) and isinstance(l.act, nn.LeakyReLU) for l in dec[:-1])
+    assert all(layer.conv.kernel_size[0] == 3 and layer.conv.stride[0] == 1 for layer in dec)
+    assert all(isinstance(layer.norm, nn.BatchNorm2d) and isinstance(layer.act, nn.LeakyReLU) for layer in dec[:-1])
     assert isinstance(dec[-1].norm, nn.Identity) and isinstance(dec[-1].act, nn.Identity)
     assert dec[-1].conv.bias is not None and enc[1].conv.bias is None  # bias only where no norm
     n_params = sum(p.numel() for p in g.parameters())
@@ -338,7 +338,7 @@ def test_folder_photos(tmp_path):
     train = Inpainting().dataset(cfg, "train")
     assert len(train) == 4 and train[1]["image"].shape == (3, 16, 16)
     assert all("train_img" in s for s in train.sources)
-    with pytest.raises(FileNotFoundError, match="test_img"):
+    with pytest.raises(ValueError, match="test_img: the val split needs this folder"):
         Inpainting().dataset(cfg.model_copy(update={"root": tmp_path / "train_img"}), "val")
 
 

@@ -100,7 +100,9 @@ def test_a_wider_margin_admits_more():
     drifting = candidate(FAST_DRIFTING, 2.5, 2.4, 2.6, ssim=(-0.08, -0.081))
     steady = candidate(GOOD, 1.2, 1.1, 1.3, ssim=(0.0, 0.002))
     table = pd.DataFrame(reference_rows() + [drifting, steady])
-    pick = lambda q: recommend(table, model="m", preset="t", quality=q, reference=REFERENCE)["recommended"]["label"]
+    def pick(quality):
+        return recommend(table, model="m", preset="t", quality=quality, reference=REFERENCE)["recommended"]["label"]
+
     assert pick(QualityConfig(metric="ssim", margin=0.1)) == FAST_DRIFTING.label()
     assert pick(QualityConfig(metric="ssim", margin="2%")) == GOOD.label()
     assert pick(SSIM) == GOOD.label()  # default margin: the fp32 seeds' spread, 0.01
@@ -175,3 +177,30 @@ def test_a_column_of_mixed_types_is_stored_as_text_not_lost(tmp_path):
     table.upsert("a", {"kind": "candidate", "when": 1764320400.5, "speedup": 1.2})
     again = ResultsTable(tmp_path / "results.parquet")
     assert again.get("a")["speedup"] == 1.2 and again.get("a")["when"] == "1764320400.5"
+
+
+def test_a_new_speed_flag_reaches_the_recommendation_file(tmp_path, monkeypatch):
+    """Add a flag to SpeedFlags: a setting using it is recorded (setting_json), recommended and
+    written with the flag, its label and its difference from fp32; nothing lists flags by hand."""
+    from pydantic import Field
+
+    import orchestrator.recommend as rec_mod
+    import orchestrator.settings as settings_mod
+
+    class MoreFlags(settings_mod.SpeedFlags):
+        new_flag: bool = False
+
+    class MoreSetting(settings_mod.Setting):
+        flags: MoreFlags = Field(default_factory=MoreFlags)
+
+    monkeypatch.setattr(settings_mod, "SpeedFlags", MoreFlags)
+    monkeypatch.setattr(rec_mod, "SpeedFlags", MoreFlags)
+    monkeypatch.setattr(rec_mod, "Setting", MoreSetting)
+    chosen = MoreSetting(opt_level="O1", dtype="bf16", batch_size=2, flags=MoreFlags(new_flag=True))
+    reference = MoreSetting(opt_level="O0", batch_size=2)
+    row = candidate(chosen, 1.8, 1.7, 1.9, ssim=(0.001, 0.002))
+    rec = recommend(pd.DataFrame(reference_rows() + [row]), model="m", preset="t", quality=SSIM, reference=reference)
+    path = write_recommendation(rec, tmp_path)
+    written = yaml.safe_load(path.read_text())["recommended"]
+    assert written["setting"]["flags"]["new_flag"] is True and "new_flag=True" in written["label"]
+    assert written["differs_from_default"]["new_flag"] is True

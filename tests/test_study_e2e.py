@@ -19,6 +19,11 @@ def test_tiny_study_end_to_end(tiny_study):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "recommended for pix2pixhd" in done.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in done.stdout
+    # the terminal: the study's own progress, no Ray/Tune internals, no tracebacks
+    assert "Traceback" not in done.stdout + done.stderr and "View detailed results" not in done.stdout
+    assert "[stage 2] trial 1 of at most" in done.stdout
+    assert any("[progress]" in line and "samples/s, ETA" in line for line in done.stdout.splitlines())
+    assert (out / "study.log").stat().st_size > 0
 
     # the table: 2 references + every candidate of the grid except the reference itself
     table = pd.read_parquet(out / "results.parquet")
@@ -47,9 +52,29 @@ def test_tiny_study_end_to_end(tiny_study):
     assert "speedup" in o1.data.metrics and "peak_memory_mib" in o1.data.metrics
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert {"pix2pixhd.yaml", "report.md", "results.parquet"} <= set(artifacts)
+    assert any(a.path.startswith("figures") for a in client.list_artifacts(parents[0].info.run_id))
+    figures = [a.path for a in client.list_artifacts(parents[0].info.run_id, "figures")]
+    assert "figures/quality_samples.png" in figures and "figures/pareto.png" in figures
     trained_run = client.get_run(trained["mlflow_run_id"].iloc[0])
     assert "samples.png" in [a.path for a in client.list_artifacts(trained_run.info.run_id)]
     assert trained_run.data.tags["status"] == "ok" and "drift" in trained_run.data.metrics
+    # quality over time: a step metric (step = samples seen), fp32 and AMP runs on the same axis
+    for run_id in (trained_run.info.run_id, refs["mlflow_run_id"].iloc[0]):
+        history = client.get_metric_history(run_id, "quality_ssim")
+        assert [m.step for m in history] == [4, 8, 12, 16], history
+    assert trained_run.info.end_time > trained_run.info.start_time  # the run's real times
+    assert "time/train_seconds" in trained_run.data.metrics and "train_seconds" not in trained_run.data.metrics
+
+    # every trained setting has a verdict with its interval; the study says what it could detect
+    rec = yaml.safe_load((out / "recommendations" / "pix2pixhd.yaml").read_text())
+    assert len(rec["verdicts"]) == len(trained)
+    for verdict in rec["verdicts"]:
+        assert verdict["verdict"] in ("equivalent", "worse", "undecided") and verdict["seeds"] == 2
+        assert verdict["method"] == "paired" and verdict["drift_interval"][0] <= verdict["drift_interval"][1]
+    assert rec["quality"]["detectable_drift"] > 0 and rec["quality"]["margin"] > 0
+    report = (out / "report.md").read_text()
+    assert "smallest quality loss this study could detect" in report and "time to fp32 quality" in report
+    assert "no measurable" not in report
 
     # the recommendation file is loadable as a Setting
     from orchestrator.recommend import load_recommended_setting

@@ -19,6 +19,10 @@ global RNG): any process, any worker, any order gives the same tensors. An item 
      "mask":  (1, H, W) float32, 1 = valid pixel, 0 = hole,
      "bin":   int64 scalar, the hole-area bin}
 
+A photo file that cannot be read (not an image, truncated, a 16-bit map among the photos) raises
+``orchestrator.data.check.DataError`` naming it; ``check_files`` opens every photo once, before a
+study starts.
+
 ``data.options`` (all optional): ``hole_bins`` (edges, default ``[0, .1, .2, .3, .4, .5, .6]``),
 ``train_photos`` / ``val_photos`` (``skimage.data`` names), ``min_crop`` (smallest crop side as a
 fraction of the largest crop that fits, default 0.3).
@@ -34,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
+from orchestrator.data.check import DataError, DataProblem, file_problem, map_in_threads, open_image, photo_mode_problem
 
 TRAIN_PHOTOS = ("astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry", "retina")
 VAL_PHOTOS = ("chelsea", "coffee")
@@ -72,10 +77,20 @@ def _bundled_image(name: str):
 
 @functools.lru_cache(maxsize=64)
 def _file_image(path: str):
-    from PIL import Image
+    img = open_image(path)  # DataError naming the file when it cannot be read
+    problem = photo_mode_problem(img, path)
+    if problem is not None:
+        raise DataError(problem)
+    return img.convert("RGB")
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
+
+def _photo_problems(path: str) -> list[DataProblem]:
+    try:
+        img = open_image(path)
+    except DataError as error:
+        return error.problems
+    problem = photo_mode_problem(img, path)
+    return [problem] if problem is not None else []
 
 
 def _as_rgb(image: np.ndarray, what: str) -> np.ndarray:
@@ -241,10 +256,10 @@ def photo_options(options: dict[str, Any]) -> tuple[tuple[tuple[float, float], .
 def _folder_photos(root: Path, split: str) -> list[Path]:
     folder = Path(root).expanduser() / _FOLDER[split]
     if not folder.is_dir():
-        raise FileNotFoundError(f"{split} split needs the folder {folder}, which does not exist")
+        raise DataError(file_problem(folder, f"the {split} split needs this folder, which does not exist"))
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no {'/'.join(IMAGE_SUFFIXES)} photos in {folder}")
+        raise DataError(file_problem(folder, f"no {'/'.join(IMAGE_SUFFIXES)} photos"))
     return files
 
 
@@ -273,6 +288,11 @@ class PhotoInpaintingDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def check_files(self) -> list[DataProblem]:
+        """Open every photo file once (folder data); everything wrong with them. Bundled photos
+        need no check."""
+        return map_in_threads(_photo_problems, self.sources) if self.from_files else []
 
     def photo(self, source: str):
         """The RGB PIL image of a source (cached per process)."""
