@@ -449,19 +449,25 @@ class Vid2Vid(GANModel):
                     g_flow=loss_flow.detach(), g_flow_warp=loss_flow_warp.detach(),
                     g_warp=loss_warp.detach(), g_mask=loss_mask.detach())
         if hp["use_vgg"]:
-            if nets.aux is None or "vgg" not in nets.aux:
-                raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
-            real_f = real.flatten(0, 1)
-            vgg = nets.aux["vgg"]
-            loss_vgg = hp["lambda_feat"] * (vgg(fake.flatten(0, 1), real_f.to(fake.dtype))
-                                            + vgg(raw.flatten(0, 1), real_f.to(raw.dtype)))
+            loss_vgg = hp["lambda_feat"] * self.vgg_loss(nets, [fake, raw], real)
             loss = loss + loss_vgg
             logs["g_vgg"] = loss_vgg.detach()
         return loss, logs
+
+    @staticmethod
+    def vgg_loss(nets: Nets, clips: list[torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+        """The perceptual loss of every frame of each of ``clips`` (N, T, 3, H, W) against ``real``."""
+        if nets.aux is None or "vgg" not in nets.aux:
+            raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
+        real_f = real.flatten(0, 1)
+        return sum(nets.aux["vgg"](clip.flatten(0, 1), real_f.to(clip.dtype)) for clip in clips)
+
+    def sample_frames(self, nets: Nets, batch: Batch) -> torch.Tensor:
+        """The generated clip (N, T, 3, H, W) that ``samples`` compares with the real one."""
+        return self.generate_sequence(nets, batch["labels"])["frames"]
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every generated frame and its real frame, clips flattened: (N * T, 3, H, W) each."""
         if self.hparams is None:
             raise RuntimeError("call build() before samples()")
-        seq = self.generate_sequence(nets, batch["labels"])
-        return seq["frames"].flatten(0, 1), batch["frames"].flatten(0, 1)
+        return self.sample_frames(nets, batch).flatten(0, 1), batch["frames"].flatten(0, 1)

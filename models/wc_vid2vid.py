@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
+from models.base import TRAINER_FLAGS, Batch, Logs, Nets
 from models.fs_vid2vid import FlowGenerator, LabelEmbedder
 from models.layers import maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
@@ -543,17 +543,10 @@ class WCVid2Vid(Vid2Vid):
         logs.update(g_flow=loss_flow.detach(), g_flow_warp=loss_flow_warp.detach(),
                     g_occlusion=loss_occlusion.detach(), g_guidance=loss_guidance.detach())
         if hp["use_vgg"]:
-            if nets.aux is None or "vgg" not in nets.aux:
-                raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
-            fake_f = fake.flatten(0, 1)
-            loss_vgg = hp["lambda_vgg"] * nets.aux["vgg"](fake_f, real.flatten(0, 1).to(fake_f.dtype))
+            loss_vgg = hp["lambda_vgg"] * self.vgg_loss(nets, [fake], real)
             loss = loss + loss_vgg
             logs["g_vgg"] = loss_vgg.detach()
         return loss, logs
 
-    def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every generated frame and its real frame, clips flattened: (N * T, 3, H, W) each."""
-        if self.hparams is None:
-            raise RuntimeError("call build() before samples()")
-        fake = self.generate_sequence(nets, batch)["frames"]
-        return fake.flatten(0, 1), batch["frames"].flatten(0, 1)
+    def sample_frames(self, nets: Nets, batch: Batch) -> torch.Tensor:
+        return self.generate_sequence(nets, batch)["frames"]

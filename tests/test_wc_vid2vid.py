@@ -20,7 +20,7 @@ from orchestrator.data.street import CLASSES
 from orchestrator.data.world import WorldDataset, WorldScene, clip_to_batch, make_world_clip
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.trainer import Trainer
-from tests.model_contract import LEVELS, check_resume, check_trains
+from tests.model_contract import LEVELS, check_resume, check_trains, intra_op_threads
 
 SIZE = 32
 FRAMES = 3
@@ -32,11 +32,8 @@ TOLERANCE = WCVid2Vid.presets["tiny"]["depth_tolerance"]
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread: the 2 cores are shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +140,15 @@ def test_forward_backward_gives_finite_losses_and_grads(batch):
     for name, param in nets.generator.named_parameters():  # every part: embeddings, flow net, all modulations
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
+
+
+def test_perceptual_loss_is_wired_for_the_paper_setting(batch):
+    model, nets = build(use_vgg=True)
+    assert isinstance(nets.aux["vgg"], nn.Module)
+    loss, logs = model.generator_loss(nets, batch)
+    assert torch.isfinite(loss) and logs["g_vgg"] > 0
+    with pytest.raises(RuntimeError, match="vgg"):
+        model.generator_loss(Nets(nets.generator, nets.discriminator, None), batch)
 
 def test_guidance_and_warp_modulate_the_frame_and_first_frames_need_neither(batch):
     _, nets = build()
