@@ -158,6 +158,7 @@ _REGISTRY: dict[str, str] = {
     "inpainting": "models.inpainting:Inpainting",
     "vid2vid": "models.vid2vid:Vid2Vid",
     "fs_vid2vid": "models.fs_vid2vid:FewShotVid2Vid",
+    "wc_vid2vid": "models.wc_vid2vid:WCVid2Vid",
 }
 
 

@@ -275,6 +275,21 @@ class Vid2Vid(GANModel):
             return None
         return required_frames(self.hparams["n_frames_D"], self.hparams["n_scales_temporal"])
 
+    def label_nc(self) -> int:
+        """Label channels: the built preset's, else the ``label_nc`` option, else Cityscapes' 35."""
+        return int(self.hparams["label_nc"] if self.hparams else self.options.get("label_nc", CITYSCAPES_LABEL_NC))
+
+    def clip_frames(self, data_cfg: Any, default: int) -> Any:
+        """Frames per clip: ``data_cfg.options["frames"]``, else ``default`` or the fewest the
+        temporal discriminators need when that is more; a clip shorter than they need is an error."""
+        needed = self.required_frames()
+        frames = data_cfg.options.get("frames", max(default, needed or 0))
+        if needed is not None and isinstance(frames, int) and frames < needed:
+            raise ValueError(f"data.options.frames={frames} is too short for {self.name}'s temporal discriminators "
+                             f"(n_frames_D={self.hparams['n_frames_D']}, n_scales_temporal="
+                             f"{self.hparams['n_scales_temporal']}): need >= {needed} frames")
+        return frames
+
     def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
         """Synthetic videos (``orchestrator.data.videos``). ``data_cfg.options["frames"]`` sets the
         clip length; default 4, or the fewest the temporal discriminators need when that is more."""
@@ -282,14 +297,7 @@ class Vid2Vid(GANModel):
             raise ValueError(f"vid2vid has no data kind {data_cfg.kind!r}; allowed: synthetic")
         from orchestrator.data.videos import DEFAULT_FRAMES, VideoDataset
 
-        label_nc = int(self.hparams["label_nc"] if self.hparams else self.options.get("label_nc", CITYSCAPES_LABEL_NC))
-        needed = self.required_frames()
-        frames = data_cfg.options.get("frames", max(DEFAULT_FRAMES, needed or 0))
-        if needed is not None and isinstance(frames, int) and frames < needed:
-            raise ValueError(f"data.options.frames={frames} is too short for vid2vid's temporal discriminators "
-                             f"(n_frames_D={self.hparams['n_frames_D']}, n_scales_temporal="
-                             f"{self.hparams['n_scales_temporal']}): need >= {needed} frames")
-        return VideoDataset(data_cfg, split, label_nc=label_nc, frames=frames)
+        return VideoDataset(data_cfg, split, label_nc=self.label_nc(), frames=self.clip_frames(data_cfg, DEFAULT_FRAMES))
 
     # ------------------------------------------------------------------ the sequence
 
@@ -441,19 +449,25 @@ class Vid2Vid(GANModel):
                     g_flow=loss_flow.detach(), g_flow_warp=loss_flow_warp.detach(),
                     g_warp=loss_warp.detach(), g_mask=loss_mask.detach())
         if hp["use_vgg"]:
-            if nets.aux is None or "vgg" not in nets.aux:
-                raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
-            real_f = real.flatten(0, 1)
-            vgg = nets.aux["vgg"]
-            loss_vgg = hp["lambda_feat"] * (vgg(fake.flatten(0, 1), real_f.to(fake.dtype))
-                                            + vgg(raw.flatten(0, 1), real_f.to(raw.dtype)))
+            loss_vgg = hp["lambda_feat"] * self.vgg_loss(nets, [fake, raw], real)
             loss = loss + loss_vgg
             logs["g_vgg"] = loss_vgg.detach()
         return loss, logs
+
+    @staticmethod
+    def vgg_loss(nets: Nets, clips: list[torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+        """The perceptual loss of every frame of each of ``clips`` (N, T, 3, H, W) against ``real``."""
+        if nets.aux is None or "vgg" not in nets.aux:
+            raise RuntimeError("use_vgg is set but nets.aux has no 'vgg' network")
+        real_f = real.flatten(0, 1)
+        return sum(nets.aux["vgg"](clip.flatten(0, 1), real_f.to(clip.dtype)) for clip in clips)
+
+    def sample_frames(self, nets: Nets, batch: Batch) -> torch.Tensor:
+        """The generated clip (N, T, 3, H, W) that ``samples`` compares with the real one."""
+        return self.generate_sequence(nets, batch["labels"])["frames"]
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every generated frame and its real frame, clips flattened: (N * T, 3, H, W) each."""
         if self.hparams is None:
             raise RuntimeError("call build() before samples()")
-        seq = self.generate_sequence(nets, batch["labels"])
-        return seq["frames"].flatten(0, 1), batch["frames"].flatten(0, 1)
+        return self.sample_frames(nets, batch).flatten(0, 1), batch["frames"].flatten(0, 1)

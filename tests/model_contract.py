@@ -3,6 +3,7 @@ with finite losses, and a checkpoint round trip continues bit-exactly. Model tes
 with their own model name and a small DataConfig."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -14,6 +15,18 @@ from orchestrator.settings import Setting
 from orchestrator.trainer import Trainer, unwrap
 
 LEVELS = [("O0", "fp16"), ("O1", "bf16"), ("O1", "fp16"), ("O2", "bf16"), ("O2", "fp16")]
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op threads set to ``count`` meanwhile: model test modules use 1, since the 2
+    cores are shared with other test processes and oversubscribed OpenMP barriers stall steps."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_trainer(model_name: str, data: DataConfig, setting: Setting, seed: int = 0, **options) -> Trainer:

@@ -93,7 +93,7 @@ def test_pix2pixhd_steps_read_the_host_once_per_log_interval(level, dtype, fused
     assert len(calls) <= BOUND, "\n".join(calls)
 
 
-@pytest.mark.parametrize("model", ["spade", "inpainting", "vid2vid", "fs_vid2vid", USER_MODEL])
+@pytest.mark.parametrize("model", ["spade", "inpainting", "vid2vid", "fs_vid2vid", "wc_vid2vid", USER_MODEL])
 def test_every_model_step_is_free_of_host_reads(model):
     """Every model's losses and logs: 10 steps read back twice (log_every 5), nothing else."""
     trainer = make_trainer(model, Setting(opt_level="O1", dtype="bf16", batch_size=2), log_every=5)
