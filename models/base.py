@@ -141,6 +141,10 @@ _REGISTRY: dict[str, str] = {
     "inpainting": "models.inpainting:Inpainting",
     "vid2vid": "models.vid2vid:Vid2Vid",
     "fs_vid2vid": "models.fs_vid2vid:FewShotVid2Vid",
+    "unit": "models.unit:UNIT",
+    "munit": "models.munit:MUNIT",
+    "funit": "models.funit:FUNIT",
+    "coco_funit": "models.coco_funit:COCOFUNIT",
 }
 
 
