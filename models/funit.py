@@ -46,7 +46,7 @@ from models.translation import (MLP, ContentEncoder, Decoder, Norm, ProjectionDi
                                 check_divisible, init_weights)
 from orchestrator.settings import SpeedFlags
 
-_LOSSES = dict(lambda_gan=1.0, lambda_recon=0.1, lambda_fm=1.0)
+_LOSSES = dict(lambda_gan=1.0, lambda_recon=0.1, lambda_fm=1.0, fp32_stem=True)
 
 
 class FUNITGenerator(nn.Module):
@@ -56,7 +56,8 @@ class FUNITGenerator(nn.Module):
     def __init__(self, arch: dict[str, Any], eps: dict[str, float], checkpointing: str = "none"):
         super().__init__()
         self.content_encoder = ContentEncoder(arch["nf"], arch["n_down"], arch["n_res"], eps=eps["instance_norm"],
-                                              res_order="CNA", checkpointing=checkpointing)
+                                              res_order="CNA", checkpointing=checkpointing,
+                                              fp32_stem=arch["fp32_stem"])
         self.class_encoder = StyleEncoder(arch["nf"], arch["n_down_style"], arch["style_dim"])
         self.mlp = MLP(arch["style_dim"], arch["mlp_dim"], arch["mlp_dim"], arch["n_mlp"])
         width = self.content_encoder.out_channels
@@ -95,6 +96,8 @@ def _as(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class FUNIT(GANModel):
     name = "funit"
     supported_flags = TRAINER_FLAGS | {"checkpointing"}
+    # images that meet the content encoder's fp32 stem stay fp32 under O2/O3 (see ContentEncoder)
+    fp32_batch_keys = ("content",)
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5, "adain": 1e-5, "spectral_norm": 1e-12}
     generator_class: type[FUNITGenerator] = FUNITGenerator
     presets: dict[str, dict[str, Any]] = {

@@ -47,7 +47,8 @@ from models.translation import (MLP, ContentEncoder, Decoder, MultiResPatchDiscr
                                 upsampling_units)
 from orchestrator.settings import SpeedFlags
 
-_LOSSES = dict(lambda_gan=1.0, lambda_recon=10.0, lambda_content=1.0, lambda_style=1.0, lambda_cycle=10.0)
+_LOSSES = dict(lambda_gan=1.0, lambda_recon=10.0, lambda_content=1.0, lambda_style=1.0, lambda_cycle=10.0,
+               fp32_stem=True)
 
 
 class MUNITAutoEncoder(nn.Module):
@@ -57,7 +58,8 @@ class MUNITAutoEncoder(nn.Module):
         super().__init__()
         sn = eps["spectral_norm"]
         self.content_encoder = ContentEncoder(arch["nf"], arch["n_down"], arch["n_res"], max_width=arch["max_width"],
-                                              eps=eps["instance_norm"], sn_eps=sn, checkpointing=checkpointing)
+                                              eps=eps["instance_norm"], sn_eps=sn, checkpointing=checkpointing,
+                                              fp32_stem=arch["fp32_stem"])
         self.style_encoder = StyleEncoder(arch["nf"], arch["n_down_style"], arch["style_dim"], sn_eps=sn)
         self.mlp = MLP(arch["style_dim"], arch["mlp_dim"], arch["mlp_dim"], arch["n_mlp"])
         width = self.content_encoder.out_channels
@@ -118,6 +120,8 @@ def _l1(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 class MUNIT(GANModel):
     name = "munit"
     supported_flags = TRAINER_FLAGS | {"checkpointing"}
+    # images that meet the content encoder's fp32 stem stay fp32 under O2/O3 (see ContentEncoder)
+    fp32_batch_keys = ("image_a", "image_b")
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5, "adain": 1e-5, "layer_norm": 1e-5, "spectral_norm": 1e-12}
     presets: dict[str, dict[str, Any]] = {
         # tests: 16x16-32x32, batch 2 (input: multiple of 8)

@@ -77,6 +77,12 @@ class Norm:
 NO_NORM = Norm()
 
 
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating parameter: what its convs compute in without
+    autocast (O3), so inputs kept in fp32 (``fp32_batch_keys``) are cast to it on entry."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
 def make_activation(kind: Act, inplace: bool = True) -> nn.Module:
     if kind == "relu":
         return nn.ReLU(inplace=inplace)
@@ -107,10 +113,13 @@ class Unit(nn.Module):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, *, norm: Norm = NO_NORM,
                  act: Act = "relu", order: Order = "CNA", pad_mode: str = "reflect", padding: int | None = None,
-                 sn_eps: float | None = None, bias: bool = True):
+                 sn_eps: float | None = None, bias: bool = True, fp32: bool = False):
         super().__init__()
         if order not in ("CNA", "NAC"):
             raise ValueError(f"unknown order {order!r}; allowed: CNA, NAC")
+        if fp32 and (order != "CNA" or norm.kind not in ("instance", "layer", "none")):
+            raise ValueError("an fp32 unit must be CNA with an instance, layer or no norm")
+        self.fp32 = fp32
         pad = kernel // 2 if padding is None else padding
         self.order = order
         if pad and pad_mode == "reflect":
@@ -129,9 +138,29 @@ class Unit(nn.Module):
         return self.norm(x, style) if self.conditional else self.norm(x)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fp32:
+            return self._forward_fp32(x)
         if self.order == "CNA":
             return self.act(self._norm(self.conv(self.pad(x)), style))
         return self.conv(self.pad(self.act(self._norm(x, style))))
+
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """conv, norm and activation in fp32 whatever the weights' dtype and autocast say; the
+        result in ``x``'s dtype. (The functional calls bypass the precision policy's norm hooks,
+        which would only cast fp32 to fp32 here.)"""
+        conv, norm = self.conv, self.norm
+        with torch.autocast(x.device.type, enabled=False):
+            weight = conv.normalized_weight() if isinstance(conv, SNConv2d) else conv.weight
+            bias = None if conv.bias is None else conv.bias.float()
+            y = F.conv2d(self.pad(x.float()), weight.float(), bias, conv.stride, conv.padding)
+            affine = [None if t is None else t.float() for t in (getattr(norm, "weight", None),
+                                                                 getattr(norm, "bias", None))]
+            if isinstance(norm, nn.InstanceNorm2d):
+                y = F.instance_norm(y, None, None, affine[0], affine[1], True, 0.0, norm.eps)
+            elif isinstance(norm, nn.GroupNorm):
+                y = F.group_norm(y, norm.num_groups, affine[0], affine[1], norm.eps)
+            y = self.act(y)
+        return y.to(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -186,13 +215,21 @@ def checkpoint_kinds(mode: str) -> tuple[type, ...]:
 class ContentEncoder(nn.Module):
     """7x7 conv unit, ``n_down`` stride-2 4x4 conv units (widths doubling up to ``max_width``), then
     ``n_res`` residual blocks (``res_order`` ``NAC``: imaginaire's pre-activation UNIT/MUNIT
-    blocks; ``CNA``: FUNIT's). Every norm is an affine instance norm (the ``instance_norm`` site)."""
+    blocks; ``CNA``: FUNIT's). Every norm is an affine instance norm (the ``instance_norm`` site).
+
+    ``fp32_stem`` computes the first unit (7x7 conv, instance norm, ReLU) in fp32 whatever the
+    precision: an image without texture (fog, a snow field, a studio backdrop: one colour plus 8-bit
+    dither) makes that conv's output a large offset with a tiny variation, fp16 keeps 11 bits of the
+    offset and so loses most of the variation, and the instance norm scales what is left to unit
+    size: the fp16 generator then departs from the fp32 one ~10-20x more than on textured images
+    (tests/test_funit.py and the others measure it). Its cost is one 3-channel conv layer."""
 
     def __init__(self, nf: int, n_down: int, n_res: int, *, max_width: int | None = None, eps: float = 1e-5,
-                 res_order: Order = "NAC", sn_eps: float | None = None, checkpointing: str = "none"):
+                 res_order: Order = "NAC", sn_eps: float | None = None, checkpointing: str = "none",
+                 fp32_stem: bool = False):
         super().__init__()
         norm = Norm("instance", eps, affine=True)
-        layers: list[nn.Module] = [Unit(3, nf, 7, norm=norm, sn_eps=sn_eps)]
+        layers: list[nn.Module] = [Unit(3, nf, 7, norm=norm, sn_eps=sn_eps, fp32=fp32_stem)]
         width = nf
         for _ in range(n_down):
             nxt = width * 2 if max_width is None else min(width * 2, max_width)
@@ -204,7 +241,9 @@ class ContentEncoder(nn.Module):
         self.checkpointing = checkpoint_kinds(checkpointing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_blocks(self.blocks, x, None, self.checkpointing)
+        stem = self.blocks[0]
+        x = stem(x if stem.fp32 else x.to(param_dtype(stem)))
+        return apply_blocks(self.blocks[1:], x.to(param_dtype(self.blocks[1])), None, self.checkpointing)
 
 
 class StyleEncoder(nn.Module):
@@ -226,7 +265,7 @@ class StyleEncoder(nn.Module):
         self.out = make_conv(width, style_dim, 1, sn_eps=sn_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.adaptive_avg_pool2d(self.body(x), 1)).flatten(1)
+        return self.out(F.adaptive_avg_pool2d(self.body(x.to(param_dtype(self))), 1)).flatten(1)
 
 
 class MLP(nn.Module):
@@ -331,7 +370,7 @@ class TwoDomainDiscriminator(nn.ModuleDict):
 
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor):
         begin_pass(self)
-        return self["a"](x_a), self["b"](x_b)
+        return self["a"](x_a.to(param_dtype(self["a"]))), self["b"](x_b.to(param_dtype(self["b"])))
 
 
 class ProjectionDiscriminator(nn.Module):
@@ -361,7 +400,7 @@ class ProjectionDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         begin_pass(self)
-        features = self.body(images)
+        features = self.body(images.to(param_dtype(self.body)))
         pooled = features.mean(dim=(2, 3))
         projection = (self.embedding(labels).to(pooled.dtype) * pooled).sum(dim=1)
         logits = self.classifier(features)

@@ -38,15 +38,18 @@ from models.translation import (ContentEncoder, Decoder, MultiResPatchDiscrimina
                                 TwoDomainDiscriminator, check_divisible, init_weights, upsampling_units)
 from orchestrator.settings import SpeedFlags
 
-_LOSSES = dict(lambda_gan=1.0, lambda_recon=10.0, lambda_kl=0.01, lambda_cycle=10.0, lambda_kl_cycle=0.01)
+_LOSSES = dict(lambda_gan=1.0, lambda_recon=10.0, lambda_kl=0.01, lambda_cycle=10.0, lambda_kl_cycle=0.01,
+               fp32_stem=True)
 
 
 class AutoEncoder(nn.Module):
     """One domain's encoder and decoder."""
 
-    def __init__(self, nf: int, n_down: int, n_res: int, max_width: int, *, eps: float, checkpointing: str):
+    def __init__(self, nf: int, n_down: int, n_res: int, max_width: int, *, eps: float, checkpointing: str,
+                 fp32_stem: bool = True):
         super().__init__()
-        self.encoder = ContentEncoder(nf, n_down, n_res, max_width=max_width, eps=eps, checkpointing=checkpointing)
+        self.encoder = ContentEncoder(nf, n_down, n_res, max_width=max_width, eps=eps, checkpointing=checkpointing,
+                                      fp32_stem=fp32_stem)
         width = self.encoder.out_channels
         norm = Norm("instance", eps, affine=True)
         blocks = [ResBlock(width, width, norm=norm, order="NAC") for _ in range(n_res)]
@@ -63,10 +66,10 @@ class UNITGenerator(nn.ModuleDict):
     only in training mode."""
 
     def __init__(self, nf: int, n_down: int, n_res: int, max_width: int, shared_blocks: int, *, eps: float,
-                 checkpointing: str = "none"):
+                 checkpointing: str = "none", fp32_stem: bool = True):
         if not 0 <= shared_blocks <= n_res:
             raise ValueError(f"shared_blocks must be in 0..n_res ({n_res}), got {shared_blocks}")
-        ae = dict(eps=eps, checkpointing=checkpointing)
+        ae = dict(eps=eps, checkpointing=checkpointing, fp32_stem=fp32_stem)
         super().__init__({"a": AutoEncoder(nf, n_down, n_res, max_width, **ae),
                           "b": AutoEncoder(nf, n_down, n_res, max_width, **ae)})
         enc_a, enc_b = self["a"].encoder.blocks, self["b"].encoder.blocks
@@ -103,6 +106,8 @@ def latent_kl(h: torch.Tensor) -> torch.Tensor:
 class UNIT(GANModel):
     name = "unit"
     supported_flags = TRAINER_FLAGS | {"checkpointing"}
+    # images that meet the content encoder's fp32 stem stay fp32 under O2/O3 (see ContentEncoder)
+    fp32_batch_keys = ("image_a", "image_b")
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5, "spectral_norm": 1e-12}
     presets: dict[str, dict[str, Any]] = {
         # tests: 16x16-32x32, batch 2 (input: multiple of 4)
@@ -123,7 +128,8 @@ class UNIT(GANModel):
         arch = self.arch(preset)
         eps = {**self.eps_sites, **eps}
         generator = UNITGenerator(arch["nf"], arch["n_down"], arch["n_res"], arch["max_width"],
-                                  arch["shared_blocks"], eps=eps["instance_norm"], checkpointing=flags.checkpointing)
+                                  arch["shared_blocks"], eps=eps["instance_norm"], checkpointing=flags.checkpointing,
+                                  fp32_stem=arch["fp32_stem"])
 
         def patch_d() -> nn.Module:
             return MultiResPatchDiscriminator(arch["ndf"], arch["n_layers_D"], arch["num_scales"], shared=True,

@@ -1,0 +1,115 @@
+"""Checks shared by the tests of the unsupervised translation models (UNIT, MUNIT, FUNIT,
+COCO-FUNIT): building, gradients, gradient checkpointing, parameter counts, eps routing, and the
+fp16-vs-fp32 comparison the hazard tests use."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from models.base import GANModel, Nets
+from models.spade import SNConv2d
+from models.translation import AdaIN, count_parameters
+from orchestrator.config import DataConfig
+from orchestrator.precision import PrecisionPolicy
+from orchestrator.settings import SpeedFlags
+
+
+def build(cls: type[GANModel], preset: str = "tiny", seed: int = 0, eps: dict | None = None,
+          checkpointing: str = "none", **options: Any) -> tuple[GANModel, Nets]:
+    model = cls(**options)
+    torch.manual_seed(seed)
+    return model, model.build(preset, model.resolve_eps(eps), SpeedFlags(checkpointing=checkpointing))
+
+
+def batch_of(model: GANModel, size: int, split: str = "train", n: int = 2, **data: Any) -> dict[str, torch.Tensor]:
+    dataset = model.dataset(DataConfig(height=size, width=size, train_samples=max(n, 2), val_samples=max(n, 2),
+                                       **data), split)
+    return default_collate([dataset[i] for i in range(n)])
+
+
+def assert_finite_grads(module: nn.Module, what: str) -> None:
+    for name, param in module.named_parameters():
+        assert param.grad is not None, f"{what}.{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{what}.{name} has a non-finite gradient"
+
+
+def check_losses_and_grads(model: GANModel, nets: Nets, batch: dict, d_logs: set[str], g_logs: set[str]) -> None:
+    """The D loss reaches every D parameter and no G parameter; the G loss reaches every G
+    parameter (DDP needs no ``find_unused_parameters``); both finite, with the named logs."""
+    d_loss, logs = model.discriminator_loss(nets, batch)
+    assert torch.isfinite(d_loss) and set(logs) == d_logs
+    assert all(not v.requires_grad for v in logs.values()), "logs must be detached tensors"
+    d_loss.backward()
+    assert_finite_grads(nets.discriminator, "D")
+    assert all(p.grad is None for p in nets.generator.parameters()), "the D loss must not reach G"
+    nets.discriminator.zero_grad(set_to_none=True)
+    g_loss, logs = model.generator_loss(nets, batch)
+    assert torch.isfinite(g_loss) and set(logs) == g_logs
+    g_loss.backward()
+    assert_finite_grads(nets.generator, "G")
+
+
+def generator_grads(model: GANModel, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
+    nets.generator.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the models' own noise (latent noise, random styles)
+    loss, _ = model.generator_loss(nets, batch)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
+
+
+def check_checkpointing(cls: type[GANModel], batch: dict, mode: str) -> None:
+    """Gradient checkpointing changes no generator gradient."""
+    model, plain = build(cls, seed=1)
+    _, ckpt = build(cls, seed=1, checkpointing=mode)
+    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def paper_counts(cls: type[GANModel]) -> tuple[int, int]:
+    """(generator, discriminator) parameters of the paper preset, built on the meta device."""
+    with torch.device("meta"):
+        _, nets = build(cls, "paper")
+    return count_parameters(nets.generator), count_parameters(nets.discriminator)
+
+
+def assert_within(count: int, published: int, what: str, tolerance: float = 0.10) -> None:
+    assert abs(count - published) <= tolerance * published, \
+        f"{what}: {count:,} parameters vs {published:,} published ({count / published - 1:+.1%})"
+
+
+def eps_of(module: nn.Module) -> dict[str, set[float]]:
+    """The eps of every norm and spectral norm in ``module``, by kind."""
+    out: dict[str, set[float]] = {"instance": set(), "adain": set(), "layer": set(), "spectral": set()}
+    adain_norms = {id(m.norm) for m in module.modules() if isinstance(m, AdaIN)}
+    for m in module.modules():
+        if isinstance(m, nn.InstanceNorm2d):
+            out["adain" if id(m) in adain_norms else "instance"].add(m.eps)
+        elif isinstance(m, nn.GroupNorm):
+            out["layer"].add(m.eps)
+        elif isinstance(m, SNConv2d):
+            out["spectral"].add(m.sn_eps)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def half_vs_full(forward: Callable[[nn.Module, list[torch.Tensor]], torch.Tensor], module: nn.Module,
+                 inputs: list[torch.Tensor], opt_level: str = "O1") -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 output, fp16 output) of ``forward(module, inputs)``, the fp16 one under the trainer's
+    precision policy at ``opt_level`` (O1: autocast; O2: half weights, norms kept fp32)."""
+    policy = PrecisionPolicy(opt_level, "fp16", device_type="cpu")
+    half = policy.prepare_network(copy.deepcopy(module))
+    with torch.no_grad():
+        full = forward(module, inputs)
+        with policy.autocast():
+            low = forward(half, [t.to(policy.input_dtype) if t.is_floating_point() else t for t in inputs])
+    return full.float(), low.float()
