@@ -1,5 +1,6 @@
 """UNIT: the trainer contract, shapes and gradients, the shared-latent parts (KL, weight sharing,
-latent noise), checkpointing, the paper's size, and its fp16 hazard (the KL of the latent code)."""
+latent noise), checkpointing, the paper's size, and its fp16 hazards (the KL of the latent code;
+a textureless image at the content encoder's stem)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ from models.unit import UNIT, latent_kl
 from orchestrator.config import DataConfig, load_config
 from tests.model_contract import LEVELS, check_resume, check_trains
 from tests.translation_common import (assert_within, batch_of, build, check_checkpointing, check_losses_and_grads,
-                                      eps_of, paper_counts)
+                                      check_stem_hazard, eps_of, flat_images, paper_counts, stem_errors)
 
 SIZE = 32
 DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
@@ -111,15 +112,15 @@ def test_search_space_loads():
     assert config.quality.metric == "ssim"
 
 
-# ---------------------------------------------------------------------------- fp16 hazard
+# ---------------------------------------------------------------------------- fp16 hazards
 #
-# UNIT's KL term is mean(h^2) over the latent code h, a (N, 4*nf, H/4, W/4) map that is not
-# normalised (the encoder ends with pre-activation residual blocks), so |h| grows with training.
-# Squared in fp16 it overflows past |h| = 256 (256^2 > 65504) and the KL becomes inf, which skips
-# the step and, step after step, ends the run as diverged. CUDA autocast would compute ``pow`` in
-# fp32, CPU autocast does not, and O3 runs without autocast at all: ``latent_kl`` squares in fp32
-# whatever the input dtype (the fix). A code with a few large entries is what a trained encoder
-# hands the loss; the value below is the paper's latent at 512x512 (192 x 128 x 128).
+# UNIT's KL term is mean(h^2) over the latent code h, a (N, 4*nf, H/4, W/4) map that nothing
+# bounds (the encoder ends with pre-activation residual blocks, no norm after the last addition).
+# Squared in fp16, one entry above 256 overflows (256^2 > 65504) and the KL becomes inf, which
+# skips the step, and step after step ends the run as diverged. CUDA autocast computes ``pow`` in
+# fp32, CPU autocast and O3 (no autocast) do not: ``latent_kl`` squares in fp32 whatever the input
+# dtype (the fix). Whether a run's codes reach 256 depends on the run; the shape below is the paper's
+# latent at 512x512 (192 x 128 x 128), its few large entries are put there by hand.
 
 
 def _naive_kl(h: torch.Tensor) -> torch.Tensor:
@@ -136,3 +137,16 @@ def test_fp16_kl_overflows_without_the_fp32_square_and_not_with_it():
     fixed = latent_kl(half)
     assert torch.isfinite(fixed)
     torch.testing.assert_close(fixed, latent_kl(h), rtol=1e-3, atol=0)
+
+
+def _translate(generator, inputs):
+    return generator(inputs[0], inputs[1], translate_only=True)[0]
+
+
+@pytest.mark.parametrize("opt_level", ["O1", "O2"])
+def test_fp16_textureless_image_hazard_and_the_fp32_stem(batch, opt_level):
+    flat = flat_images(2, SIZE)
+    errors_flat = stem_errors(UNIT, _translate, [flat, flat.flip(0)], opt_level, fp32_inputs=2)
+    errors_textured = stem_errors(UNIT, _translate, [batch["image_a"], batch["image_b"]], opt_level, fp32_inputs=2)
+    check_stem_hazard(errors_flat, errors_textured)
+    assert UNIT.fp32_batch_keys == ("image_a", "image_b") and all(p["fp32_stem"] for p in UNIT.presets.values())
