@@ -37,14 +37,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
+from models.base import Batch, Logs, Nets
 from models.losses import gan_loss
 from models.translation import (MLP, ContentEncoder, Decoder, Norm, ProjectionDiscriminator, ResBlock, StyleEncoder,
-                                check_divisible, init_weights)
-from orchestrator.settings import SpeedFlags
+                                TranslationModel, check_divisible, detached, init_weights, l1)
 
 _LOSSES = dict(lambda_gan=1.0, lambda_recon=0.1, lambda_fm=1.0, fp32_stem=True)
 
@@ -89,16 +87,12 @@ class FUNITGenerator(nn.Module):
         return self.decoder(codes, self.conditioning(codes, torch.cat([class_code, own]))).split([n, n])
 
 
-def _as(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x.to(like.dtype)
-
-
-class FUNIT(GANModel):
+class FUNIT(TranslationModel):
     name = "funit"
-    supported_flags = TRAINER_FLAGS | {"checkpointing"}
     # images that meet the content encoder's fp32 stem stay fp32 under O2/O3 (see ContentEncoder)
     fp32_batch_keys = ("content",)
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5, "adain": 1e-5, "spectral_norm": 1e-12}
+    g_lr, d_lr, betas = 1e-4, 1e-4, (0.0, 0.999)
     generator_class: type[FUNITGenerator] = FUNITGenerator
     presets: dict[str, dict[str, Any]] = {
         # tests: 16x16-32x32, batch 2 (input: multiple of 8), data with <= num_classes training classes
@@ -111,20 +105,13 @@ class FUNIT(GANModel):
                       n_layers_D=6, max_width_D=1024, num_classes=149),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None
-
-    def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
-        arch = self.arch(preset)
-        eps = {**self.eps_sites, **eps}
-        generator = self.generator_class(arch, eps, flags.checkpointing)
+    def networks(self, arch: dict[str, Any], eps: dict[str, float], checkpointing: str) -> tuple[nn.Module, nn.Module]:
+        generator = self.generator_class(arch, eps, checkpointing)
         discriminator = ProjectionDiscriminator(arch["ndf"], arch["n_layers_D"], arch["num_classes"],
                                                 max_width=arch["max_width_D"], sn_eps=eps["spectral_norm"])
         init_weights(generator, "none")  # the config's init: torch's defaults
         init_weights(discriminator, "none")
-        self.hparams = arch
-        return Nets(generator=generator, discriminator=discriminator)
+        return generator, discriminator
 
     def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
         if data_cfg.kind != "synthetic":
@@ -135,14 +122,6 @@ class FUNIT(GANModel):
             raise ValueError(f"data.options.classes ({data.classes}) exceeds the discriminator's num_classes "
                              f"({self.hparams['num_classes']}): raise model.options.num_classes")
         return data
-
-    def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
-        return {name: {"lr": 1e-4, "betas": (0.0, 0.999)} for name in ("generator", "discriminator")}
-
-    def _hp(self) -> dict[str, Any]:
-        if self.hparams is None:
-            raise RuntimeError("call build() before the losses: the loss weights come from the preset")
-        return self.hparams
 
     @staticmethod
     def _reals(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,14 +134,14 @@ class FUNIT(GANModel):
         with torch.no_grad():
             fake = nets.generator(content, batch["examples"], translate_only=True)
         reals, real_class = self._reals(batch)
-        logits, _ = nets.discriminator(torch.cat([reals, _as(fake, reals)]), torch.cat([real_class, target_class]))
+        logits, _ = nets.discriminator(torch.cat([reals, fake.to(reals.dtype)]), torch.cat([real_class, target_class]))
         n_real = reals.shape[0]
         loss_real = gan_loss(logits[:n_real], True, "hinge")
         loss_fake = gan_loss(logits[n_real:], False, "hinge")
-        return loss_real + loss_fake, {"d_real": loss_real.detach(), "d_fake": loss_fake.detach()}
+        return loss_real + loss_fake, detached(d_real=loss_real, d_fake=loss_fake)
 
     def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
-        hp = self._hp()
+        hp = self.hp()
         content, examples = batch["content"], batch["examples"]
         n, shots = examples.shape[:2]
         translation, reconstruction = nets.generator(content, examples)
@@ -173,11 +152,10 @@ class FUNIT(GANModel):
             _, real_features = nets.discriminator(reals, real_class)
         loss_gan = hp["lambda_gan"] * 0.5 * (gan_loss(logits[:n], True, "hinge", for_discriminator=False)
                                              + gan_loss(logits[n:], True, "hinge", for_discriminator=False))
-        loss_recon = hp["lambda_recon"] * F.l1_loss(reconstruction, _as(content, reconstruction))
-        target_features = real_features.view(n, shots, -1).mean(1)
-        loss_fm = hp["lambda_fm"] * F.l1_loss(features[:n], _as(target_features, features))
+        loss_recon = hp["lambda_recon"] * l1(reconstruction, content)
+        loss_fm = hp["lambda_fm"] * l1(features[:n], real_features.view(n, shots, -1).mean(1))
         loss = loss_gan + loss_recon + loss_fm
-        return loss, {"g_gan": loss_gan.detach(), "g_recon": loss_recon.detach(), "g_fm": loss_fm.detach()}
+        return loss, detached(g_gan=loss_gan, g_recon=loss_recon, g_fm=loss_fm)
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The translation of each content image into its examples' (held-out, on ``val``) class,

@@ -36,16 +36,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
-from models.losses import gan_loss
+from models.base import Batch, Logs, Nets
 from models.spade import begin_pass
-from models.translation import (MLP, ContentEncoder, Decoder, MultiResPatchDiscriminator, Norm, ResBlock,
-                                StyleEncoder, TwoDomainDiscriminator, check_divisible, init_weights,
+from models.translation import (MLP, ContentEncoder, Decoder, MultiResPatchDiscriminator, Norm, ResBlock, StyleEncoder,
+                                TwoDomainDiscriminator, TwoDomainModel, check_divisible, detached, init_weights, l1,
                                 upsampling_units)
-from orchestrator.settings import SpeedFlags
 
 _LOSSES = dict(lambda_gan=1.0, lambda_recon=10.0, lambda_content=1.0, lambda_style=1.0, lambda_cycle=10.0,
                fp32_stem=True)
@@ -113,16 +110,11 @@ class MUNITGenerator(nn.ModuleDict):
                     x_aa=x_aa, x_bb=x_bb, x_ab=x_ab, x_ba=x_ba, x_aba=x_aba, x_bab=x_bab)
 
 
-def _l1(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(fake, real.to(fake.dtype))
-
-
-class MUNIT(GANModel):
+class MUNIT(TwoDomainModel):
     name = "munit"
-    supported_flags = TRAINER_FLAGS | {"checkpointing"}
-    # images that meet the content encoder's fp32 stem stay fp32 under O2/O3 (see ContentEncoder)
-    fp32_batch_keys = ("image_a", "image_b")
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5, "adain": 1e-5, "layer_norm": 1e-5, "spectral_norm": 1e-12}
+    gan_mode = "hinge"
+    g_lr, d_lr, betas = 1e-4, 4e-4, (0.5, 0.999)
     presets: dict[str, dict[str, Any]] = {
         # tests: 16x16-32x32, batch 2 (input: multiple of 8)
         "tiny": dict(_LOSSES, nf=8, n_down=2, n_res=2, max_width=256, n_down_style=3, style_dim=4, mlp_dim=32,
@@ -134,14 +126,8 @@ class MUNIT(GANModel):
                       n_mlp=2, ndf=48, n_layers_D=5, num_scales=3, max_width_D=1024),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None
-
-    def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
-        arch = self.arch(preset)
-        eps = {**self.eps_sites, **eps}
-        generator = MUNITGenerator(arch, eps, flags.checkpointing)
+    def networks(self, arch: dict[str, Any], eps: dict[str, float], checkpointing: str) -> tuple[nn.Module, nn.Module]:
+        generator = MUNITGenerator(arch, eps, checkpointing)
 
         def patch_d() -> nn.Module:
             return MultiResPatchDiscriminator(arch["ndf"], arch["n_layers_D"], arch["num_scales"],
@@ -150,52 +136,18 @@ class MUNIT(GANModel):
         discriminator = TwoDomainDiscriminator(patch_d(), patch_d())
         init_weights(generator, "orthogonal", 1.0)
         init_weights(discriminator, "orthogonal", 1.0)
-        self.hparams = arch
-        return Nets(generator=generator, discriminator=discriminator)
-
-    def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
-        if data_cfg.kind != "synthetic":
-            raise ValueError(f"munit has no data kind {data_cfg.kind!r}; allowed: synthetic")
-        from orchestrator.data.two_domain import TwoDomainDataset
-        return TwoDomainDataset(data_cfg, split)
-
-    def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
-        return {"generator": {"lr": 1e-4, "betas": (0.5, 0.999)},
-                "discriminator": {"lr": 4e-4, "betas": (0.5, 0.999)}}
-
-    def _hp(self) -> dict[str, Any]:
-        if self.hparams is None:
-            raise RuntimeError("call build() before the losses: the loss weights come from the preset")
-        return self.hparams
-
-    def discriminator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
-        real_a, real_b = batch["image_a"], batch["image_b"]
-        with torch.no_grad():
-            fake_ab, fake_ba = nets.generator(real_a, real_b, translate_only=True)
-        out_a, out_b = nets.discriminator(torch.cat([real_a, fake_ba.to(real_a.dtype)]),
-                                          torch.cat([real_b, fake_ab.to(real_b.dtype)]))
-        na, nb = real_a.shape[0], real_b.shape[0]
-        loss_real = (gan_loss([s[-1][:na] for s in out_a], True, "hinge")
-                     + gan_loss([s[-1][:nb] for s in out_b], True, "hinge"))
-        loss_fake = (gan_loss([s[-1][na:] for s in out_a], False, "hinge")
-                     + gan_loss([s[-1][nb:] for s in out_b], False, "hinge"))
-        return loss_real + loss_fake, {"d_real": loss_real.detach(), "d_fake": loss_fake.detach()}
+        return generator, discriminator
 
     def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
-        hp = self._hp()
-        real_a, real_b = batch["image_a"], batch["image_b"]
-        out = nets.generator(real_a, real_b)
-        pred_ba, pred_ab = nets.discriminator(out["x_ba"], out["x_ab"])
-        loss_gan = hp["lambda_gan"] * (gan_loss(pred_ba, True, "hinge", for_discriminator=False)
-                                       + gan_loss(pred_ab, True, "hinge", for_discriminator=False))
-        loss_recon = hp["lambda_recon"] * (_l1(out["x_aa"], real_a) + _l1(out["x_bb"], real_b))
-        loss_content = hp["lambda_content"] * (_l1(out["c_ab"], out["c_a"].detach())
-                                               + _l1(out["c_ba"], out["c_b"].detach()))
-        loss_style = hp["lambda_style"] * (_l1(out["s_ba"], out["rand_a"]) + _l1(out["s_ab"], out["rand_b"]))
-        loss_cycle = hp["lambda_cycle"] * (_l1(out["x_aba"], real_a) + _l1(out["x_bab"], real_b))
+        hp = self.hp()
+        out, loss_gan, loss_recon = self.generator_pass(nets, batch)
+        loss_content = hp["lambda_content"] * (l1(out["c_ab"], out["c_a"].detach())
+                                               + l1(out["c_ba"], out["c_b"].detach()))
+        loss_style = hp["lambda_style"] * (l1(out["s_ba"], out["rand_a"]) + l1(out["s_ab"], out["rand_b"]))
+        loss_cycle = hp["lambda_cycle"] * (l1(out["x_aba"], batch["image_a"]) + l1(out["x_bab"], batch["image_b"]))
         loss = loss_gan + loss_recon + loss_content + loss_style + loss_cycle
-        return loss, {"g_gan": loss_gan.detach(), "g_recon": loss_recon.detach(), "g_content": loss_content.detach(),
-                      "g_style": loss_style.detach(), "g_cycle": loss_cycle.detach()}
+        return loss, detached(g_gan=loss_gan, g_recon=loss_recon, g_content=loss_content, g_style=loss_style,
+                              g_cycle=loss_cycle)
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Example-guided translations: a's content with the style of the true B image of the same

@@ -17,18 +17,24 @@ Conventions:
 * Networks with one sub-network per domain are ``nn.ModuleDict``s keyed ``"a"`` and ``"b"`` with a
   ``forward`` of their own (:class:`TwoDomainDiscriminator`, the models' generators), so the trainer
   calls one module per network (DDP wraps it) as ``models.base.GANModel`` requires.
+* :class:`TranslationModel` and :class:`TwoDomainModel` hold what the four ``GANModel``s share.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import maybe_checkpoint, norm_layer
+from models.losses import gan_loss
 from models.spade import INIT_POWER_ITERATIONS, SNConv2d, begin_pass
+from orchestrator.settings import SpeedFlags
 
 Order = Literal["CNA", "NAC"]
 Act = Literal["relu", "lrelu", "tanh", "none"]
@@ -447,3 +453,92 @@ def check_divisible(images: torch.Tensor, factor: int, what: str) -> None:
 def count_parameters(module: nn.Module) -> int:
     """Distinct parameters (a weight shared between domains counts once)."""
     return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- what the models share
+
+
+def l1(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error, ``real`` in ``fake``'s dtype."""
+    return F.l1_loss(fake, real.to(fake.dtype))
+
+
+def detached(**values: torch.Tensor) -> Logs:
+    """Loss terms as logs: detached fp32 tensors (no host read; bf16 ones numpy cannot average)."""
+    return {name: value.detach().float() for name, value in values.items()}
+
+
+class TranslationModel(GANModel):
+    """What UNIT, MUNIT, FUNIT and COCO-FUNIT share: ``build`` resolves the preset into
+    ``hparams`` (which holds the loss weights) and hands it to :meth:`networks`; one Adam setting
+    per network from the class attributes ``g_lr``, ``d_lr``, ``betas``."""
+
+    supported_flags = TRAINER_FLAGS | {"checkpointing"}
+    g_lr, d_lr, betas = 1e-4, 1e-4, (0.5, 0.999)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.hparams: dict[str, Any] | None = None
+
+    @abstractmethod
+    def networks(self, arch: dict[str, Any], eps: dict[str, float], checkpointing: str) -> tuple[nn.Module, nn.Module]:
+        """(generator, discriminator), initialised, for the resolved preset ``arch``."""
+
+    def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
+        arch = self.arch(preset)
+        generator, discriminator = self.networks(arch, {**self.eps_sites, **eps}, flags.checkpointing)
+        self.hparams = arch
+        return Nets(generator=generator, discriminator=discriminator)
+
+    def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
+        return {"generator": {"lr": self.g_lr, "betas": self.betas},
+                "discriminator": {"lr": self.d_lr, "betas": self.betas}}
+
+    def hp(self) -> dict[str, Any]:
+        if self.hparams is None:
+            raise RuntimeError("call build() before the losses: the loss weights come from the preset")
+        return self.hparams
+
+
+class TwoDomainModel(TranslationModel):
+    """UNIT and MUNIT: the two-domain data, and the adversarial losses (``gan_mode``) of one
+    discriminator per domain. The generator's ``forward(x_a, x_b, translate_only=True)`` returns
+    ``(x_ab, x_ba)``; the discriminator's ``forward(x_a, x_b)`` scores images of each domain."""
+
+    gan_mode = "lsgan"
+    # images that meet the content encoders' fp32 stem stay fp32 under O2/O3 (see ContentEncoder)
+    fp32_batch_keys = ("image_a", "image_b")
+
+    def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
+        if data_cfg.kind != "synthetic":
+            raise ValueError(f"{self.name} has no data kind {data_cfg.kind!r}; allowed: synthetic")
+        from orchestrator.data.two_domain import TwoDomainDataset
+        return TwoDomainDataset(data_cfg, split)
+
+    def discriminator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
+        real_a, real_b = batch["image_a"], batch["image_b"]
+        with torch.no_grad():
+            fake_ab, fake_ba = nets.generator(real_a, real_b, translate_only=True)
+        # one pass per domain's discriminator over its reals and the translations into it
+        out_a, out_b = nets.discriminator(torch.cat([real_a, fake_ba.to(real_a.dtype)]),
+                                          torch.cat([real_b, fake_ab.to(real_b.dtype)]))
+        na, nb = real_a.shape[0], real_b.shape[0]
+        def term(outputs: list, rows: slice, real: bool) -> torch.Tensor:
+            return gan_loss([scale[-1][rows] for scale in outputs], real, self.gan_mode)
+
+        loss_real = term(out_a, slice(None, na), True) + term(out_b, slice(None, nb), True)
+        loss_fake = term(out_a, slice(na, None), False) + term(out_b, slice(nb, None), False)
+        return loss_real + loss_fake, detached(d_real=loss_real, d_fake=loss_fake)
+
+    def generator_pass(self, nets: Nets, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The generator's training pass and the two terms UNIT and MUNIT share: ``(outputs,
+        lambda_gan x the adversarial loss of both translations, lambda_recon x the L1 of both
+        within-domain reconstructions)``."""
+        hp = self.hp()
+        real_a, real_b = batch["image_a"], batch["image_b"]
+        out = nets.generator(real_a, real_b)
+        pred_ba, pred_ab = nets.discriminator(out["x_ba"], out["x_ab"])
+        loss_gan = hp["lambda_gan"] * (gan_loss(pred_ba, True, self.gan_mode, for_discriminator=False)
+                                       + gan_loss(pred_ab, True, self.gan_mode, for_discriminator=False))
+        loss_recon = hp["lambda_recon"] * (l1(out["x_aa"], real_a) + l1(out["x_bb"], real_b))
+        return out, loss_gan, loss_recon

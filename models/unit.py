@@ -29,14 +29,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
-from models.losses import gan_loss
+from models.base import Batch, Logs, Nets
 from models.translation import (ContentEncoder, Decoder, MultiResPatchDiscriminator, Norm, ResBlock,
-                                TwoDomainDiscriminator, check_divisible, init_weights, upsampling_units)
-from orchestrator.settings import SpeedFlags
+                                TwoDomainDiscriminator, TwoDomainModel, check_divisible, detached, init_weights, l1,
+                                upsampling_units)
 
 _LOSSES = dict(lambda_gan=1.0, lambda_recon=10.0, lambda_kl=0.01, lambda_cycle=10.0, lambda_kl_cycle=0.01,
                fp32_stem=True)
@@ -103,12 +101,11 @@ def latent_kl(h: torch.Tensor) -> torch.Tensor:
     return h.float().pow(2).mean()
 
 
-class UNIT(GANModel):
+class UNIT(TwoDomainModel):
     name = "unit"
-    supported_flags = TRAINER_FLAGS | {"checkpointing"}
-    # images that meet the content encoder's fp32 stem stay fp32 under O2/O3 (see ContentEncoder)
-    fp32_batch_keys = ("image_a", "image_b")
     eps_sites = {"adam": 1e-8, "instance_norm": 1e-5, "spectral_norm": 1e-12}
+    gan_mode = "lsgan"
+    g_lr, d_lr, betas = 1e-4, 1e-4, (0.5, 0.999)
     presets: dict[str, dict[str, Any]] = {
         # tests: 16x16-32x32, batch 2 (input: multiple of 4)
         "tiny": dict(_LOSSES, nf=8, n_down=2, n_res=2, max_width=256, shared_blocks=1, ndf=8, n_layers_D=3,
@@ -120,15 +117,9 @@ class UNIT(GANModel):
                       num_scales=3, max_width_D=512),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None
-
-    def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
-        arch = self.arch(preset)
-        eps = {**self.eps_sites, **eps}
+    def networks(self, arch: dict[str, Any], eps: dict[str, float], checkpointing: str) -> tuple[nn.Module, nn.Module]:
         generator = UNITGenerator(arch["nf"], arch["n_down"], arch["n_res"], arch["max_width"],
-                                  arch["shared_blocks"], eps=eps["instance_norm"], checkpointing=flags.checkpointing,
+                                  arch["shared_blocks"], eps=eps["instance_norm"], checkpointing=checkpointing,
                                   fp32_stem=arch["fp32_stem"])
 
         def patch_d() -> nn.Module:
@@ -138,53 +129,17 @@ class UNIT(GANModel):
         discriminator = TwoDomainDiscriminator(patch_d(), patch_d())
         init_weights(generator, "normal", 0.02)  # imaginaire's config: normal init, gain 0.02
         init_weights(discriminator, "normal", 0.02)
-        self.hparams = arch
-        return Nets(generator=generator, discriminator=discriminator)
-
-    def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
-        if data_cfg.kind != "synthetic":
-            raise ValueError(f"unit has no data kind {data_cfg.kind!r}; allowed: synthetic")
-        from orchestrator.data.two_domain import TwoDomainDataset
-        return TwoDomainDataset(data_cfg, split)
-
-    def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
-        return {name: {"lr": 1e-4, "betas": (0.5, 0.999)} for name in ("generator", "discriminator")}
-
-    def _hp(self) -> dict[str, Any]:
-        if self.hparams is None:
-            raise RuntimeError("call build() before the losses: the loss weights come from the preset")
-        return self.hparams
-
-    def discriminator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
-        real_a, real_b = batch["image_a"], batch["image_b"]
-        with torch.no_grad():
-            fake_ab, fake_ba = nets.generator(real_a, real_b, translate_only=True)
-        # one pass per domain's discriminator over its reals and the translations into it
-        out_a, out_b = nets.discriminator(torch.cat([real_a, fake_ba.to(real_a.dtype)]),
-                                          torch.cat([real_b, fake_ab.to(real_b.dtype)]))
-        na, nb = real_a.shape[0], real_b.shape[0]
-        loss_real = (gan_loss([[f[:na] for f in s] for s in out_a], True)
-                     + gan_loss([[f[:nb] for f in s] for s in out_b], True))
-        loss_fake = (gan_loss([[f[na:] for f in s] for s in out_a], False)
-                     + gan_loss([[f[nb:] for f in s] for s in out_b], False))
-        return loss_real + loss_fake, {"d_real": loss_real.detach(), "d_fake": loss_fake.detach()}
+        return generator, discriminator
 
     def generator_loss(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, Logs]:
-        hp = self._hp()
-        real_a, real_b = batch["image_a"], batch["image_b"]
-        out = nets.generator(real_a, real_b)
-        pred_ba, pred_ab = nets.discriminator(out["x_ba"], out["x_ab"])
-        loss_gan = hp["lambda_gan"] * (gan_loss(pred_ba, True, for_discriminator=False)
-                                       + gan_loss(pred_ab, True, for_discriminator=False))
-        loss_recon = hp["lambda_recon"] * (F.l1_loss(out["x_aa"], real_a.to(out["x_aa"].dtype))
-                                           + F.l1_loss(out["x_bb"], real_b.to(out["x_bb"].dtype)))
+        hp = self.hp()
+        out, loss_gan, loss_recon = self.generator_pass(nets, batch)
         loss_kl = hp["lambda_kl"] * (latent_kl(out["h_a"]) + latent_kl(out["h_b"]))
-        loss_cycle = hp["lambda_cycle"] * (F.l1_loss(out["x_aba"], real_a.to(out["x_aba"].dtype))
-                                           + F.l1_loss(out["x_bab"], real_b.to(out["x_bab"].dtype)))
+        loss_cycle = hp["lambda_cycle"] * (l1(out["x_aba"], batch["image_a"]) + l1(out["x_bab"], batch["image_b"]))
         loss_kl_cycle = hp["lambda_kl_cycle"] * (latent_kl(out["h_ab"]) + latent_kl(out["h_ba"]))
         loss = loss_gan + loss_recon + loss_kl + loss_cycle + loss_kl_cycle
-        return loss, {"g_gan": loss_gan.detach(), "g_recon": loss_recon.detach(), "g_kl": loss_kl.detach(),
-                      "g_cycle": loss_cycle.detach(), "g_kl_cycle": loss_kl_cycle.detach()}
+        return loss, detached(g_gan=loss_gan, g_recon=loss_recon, g_kl=loss_kl, g_cycle=loss_cycle,
+                              g_kl_cycle=loss_kl_cycle)
 
     def samples(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """a -> b and b -> a translations against the true images of the same scenes."""

@@ -9,35 +9,15 @@ import torch
 from models.base import load_model
 from models.coco_funit import COCOFUNIT, COCOFUNITGenerator
 from models.funit import FUNIT
-from orchestrator.config import DataConfig, load_config
-from tests.model_contract import LEVELS, check_resume, check_trains
-from tests.translation_common import (assert_within, batch_of, build, check_few_shot_model, check_stem_hazard,
-                                      flat_images, paper_counts, stem_errors)
+from tests.translation_common import one_thread  # noqa: F401  (autouse fixture)
+from tests.translation_common import (assert_within, batch_fixture, build, check_few_shot_model, check_search_space,
+                                      check_stem_hazard, contract_tests, flat_images, paper_counts)
 
 SIZE = 32
-DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return batch_of(COCOFUNIT(), SIZE)
-
-
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("coco_funit", DATA, opt_level, dtype)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("coco_funit", DATA, tmp_path)
+batch = batch_fixture(COCOFUNIT, SIZE)
+test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly = contract_tests("coco_funit")
 
 
 def test_registry_presets_and_eps_sites():
@@ -45,6 +25,10 @@ def test_registry_presets_and_eps_sites():
     assert all(set(p) == set(COCOFUNIT.presets["tiny"]) for p in COCOFUNIT.presets.values())
     assert COCOFUNIT.eps_sites == FUNIT.eps_sites
     assert {k: v for k, v in COCOFUNIT.presets["paper"].items() if k != "usb_dim"} == FUNIT.presets["paper"]
+
+
+def test_shapes_losses_gradients_and_examples(batch):
+    check_few_shot_model(COCOFUNIT, batch, SIZE, shots=2)
 
 
 def test_paper_size_matches_the_published_networks():
@@ -55,10 +39,6 @@ def test_paper_size_matches_the_published_networks():
     g, d = paper_counts(COCOFUNIT)
     assert_within(g, 121_562_307, "generator")
     assert_within(d, 92_038_977, "discriminator")
-
-
-def test_shapes_losses_gradients_and_examples(batch):
-    check_few_shot_model(COCOFUNIT, batch, SIZE, shots=2)
 
 
 def test_style_is_conditioned_on_the_content_and_carries_the_constant_bias(batch):
@@ -79,9 +59,7 @@ def test_style_is_conditioned_on_the_content_and_carries_the_constant_bias(batch
 
 
 def test_search_space_loads():
-    config = load_config("search_spaces/coco_funit.yaml")
-    assert config.model.name == "coco_funit" and set(config.search.eps) <= set(COCOFUNIT.eps_sites)
-    assert config.quality.metric == "l1"
+    check_search_space(COCOFUNIT, "l1")
 
 
 @pytest.mark.parametrize("opt_level", ["O1", "O2"])
@@ -89,8 +67,5 @@ def test_fp16_textureless_image_hazard_and_the_fp32_stem(batch, opt_level):
     def translate(generator, inputs):
         return generator(inputs[0], inputs[1], translate_only=True)
 
-    flat = flat_images(2, SIZE)
-    errors_flat = stem_errors(COCOFUNIT, translate, [flat, batch["examples"]], opt_level, fp32_inputs=1)
-    errors_textured = stem_errors(COCOFUNIT, translate, [batch["content"], batch["examples"]], opt_level,
-                                  fp32_inputs=1)
-    check_stem_hazard(errors_flat, errors_textured)
+    textured = [batch["content"], batch["examples"]]
+    check_stem_hazard(COCOFUNIT, translate, [flat_images(2, SIZE), batch["examples"]], textured, opt_level)

@@ -9,35 +9,17 @@ import torch
 from models.base import load_model
 from models.funit import FUNIT
 from models.translation import ProjectionDiscriminator
-from orchestrator.config import DataConfig, load_config
-from tests.model_contract import LEVELS, check_resume, check_trains
-from tests.translation_common import (assert_within, batch_of, build, check_checkpointing, check_few_shot_model,
-                                      check_stem_hazard, eps_of, flat_images, paper_counts, stem_errors)
+from orchestrator.config import DataConfig
+from tests.translation_common import one_thread  # noqa: F401  (autouse fixture)
+from tests.translation_common import (assert_within, batch_fixture, build, check_checkpointing, check_few_shot_model,
+                                      check_search_space, check_stem_hazard, contract_tests, eps_of, flat_images,
+                                      paper_counts)
 
 SIZE = 32
-DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return batch_of(FUNIT(), SIZE, options={"shots": 3})
-
-
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("funit", DATA, opt_level, dtype)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("funit", DATA, tmp_path)
+batch = batch_fixture(FUNIT, SIZE, options={"shots": 3})
+test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly = contract_tests("funit")
 
 
 def test_registry_presets_and_eps_sites():
@@ -90,9 +72,8 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
 
 
 def test_search_space_loads():
-    config = load_config("search_spaces/funit.yaml")
-    assert config.model.name == "funit" and set(config.search.eps) <= set(FUNIT.eps_sites)
-    assert config.quality.metric == "l1" and config.data.options["classes"] <= FUNIT.presets["tiny"]["num_classes"]
+    config = check_search_space(FUNIT, "l1")
+    assert config.data.options["classes"] <= FUNIT.presets["tiny"]["num_classes"]
 
 
 # ---------------------------------------------------------------------------- fp16 hazard
@@ -105,8 +86,5 @@ def _translate(generator, inputs):
 
 @pytest.mark.parametrize("opt_level", ["O1", "O2"])
 def test_fp16_textureless_image_hazard_and_the_fp32_stem(batch, opt_level):
-    flat = flat_images(2, SIZE)
-    errors_flat = stem_errors(FUNIT, _translate, [flat, batch["examples"]], opt_level, fp32_inputs=1)
-    errors_textured = stem_errors(FUNIT, _translate, [batch["content"], batch["examples"]], opt_level, fp32_inputs=1)
-    check_stem_hazard(errors_flat, errors_textured)
-    assert FUNIT.fp32_batch_keys == ("content",) and all(p["fp32_stem"] for p in FUNIT.presets.values())
+    textured = [batch["content"], batch["examples"]]
+    check_stem_hazard(FUNIT, _translate, [flat_images(2, SIZE), batch["examples"]], textured, opt_level)

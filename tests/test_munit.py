@@ -9,35 +9,16 @@ import torch
 from models.base import load_model
 from models.munit import MUNIT
 from models.translation import AdaIN, MultiResPatchDiscriminator
-from orchestrator.config import DataConfig, load_config
-from tests.model_contract import LEVELS, check_resume, check_trains
-from tests.translation_common import (assert_within, batch_of, build, check_checkpointing, check_losses_and_grads,
-                                      check_stem_hazard, eps_of, flat_images, paper_counts, stem_errors)
+from tests.translation_common import one_thread  # noqa: F401  (autouse fixture)
+from tests.translation_common import (assert_within, batch_fixture, build, check_checkpointing, check_losses_and_grads,
+                                      check_search_space, check_stem_hazard, contract_tests, eps_of, flat_images,
+                                      paper_counts)
 
 SIZE = 32
-DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return batch_of(MUNIT(), SIZE, split="val")
-
-
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("munit", DATA, opt_level, dtype)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("munit", DATA, tmp_path)
+batch = batch_fixture(MUNIT, SIZE, split="val")
+test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly = contract_tests("munit")
 
 
 def test_registry_presets_and_eps_sites():
@@ -51,17 +32,6 @@ def test_registry_presets_and_eps_sites():
     assert eps_of(nets.discriminator)["spectral"] == {1e-6}
     assert isinstance(nets.discriminator["b"], MultiResPatchDiscriminator)
     assert len(nets.discriminator["b"].scales) == 2  # one set of weights per scale
-
-
-def test_paper_size_matches_the_published_networks():
-    """Published sizes: NVlabs/imaginaire ``configs/projects/munit/summer2winter_hd/ampO1.yaml``
-    (its multi-scale patch discriminators), counted by building imaginaire's own
-    ``imaginaire.generators.munit.Generator`` and ``imaginaire.discriminators.munit.Discriminator``
-    from that config (commit c6f7484): generator 32,483,606, discriminator 63,696,198 parameters.
-    Ours has MUNIT's layer norm where that config's upsampling units have AdaIN: -0.7 %."""
-    g, d = paper_counts(MUNIT)
-    assert_within(g, 32_483_606, "generator")
-    assert_within(d, 63_696_198, "discriminator")
 
 
 def test_shapes_losses_and_gradients(batch):
@@ -90,15 +60,24 @@ def test_style_decides_the_translation_and_samples_are_example_guided(batch):
     assert sum(isinstance(m, AdaIN) for m in gen["a"].decoder.modules()) == 2 * 2  # 2 blocks x 2 units
 
 
+def test_paper_size_matches_the_published_networks():
+    """Published sizes: NVlabs/imaginaire ``configs/projects/munit/summer2winter_hd/ampO1.yaml``
+    (its multi-scale patch discriminators), counted by building imaginaire's own
+    ``imaginaire.generators.munit.Generator`` and ``imaginaire.discriminators.munit.Discriminator``
+    from that config (commit c6f7484): generator 32,483,606, discriminator 63,696,198 parameters.
+    Ours has MUNIT's layer norm where that config's upsampling units have AdaIN: -0.7 %."""
+    g, d = paper_counts(MUNIT)
+    assert_within(g, 32_483_606, "generator")
+    assert_within(d, 63_696_198, "discriminator")
+
+
 @pytest.mark.parametrize("mode", ["blocks", "all"])
 def test_checkpointing_gives_same_generator_grads(batch, mode):
     check_checkpointing(MUNIT, batch, mode)
 
 
 def test_search_space_loads():
-    config = load_config("search_spaces/munit.yaml")
-    assert config.model.name == "munit" and set(config.search.eps) <= set(MUNIT.eps_sites)
-    assert 1e-5 in config.search.eps["adain"] and config.quality.metric == "ssim"
+    assert len(check_search_space(MUNIT, "ssim").search.eps["adain"]) == 2
 
 
 # ---------------------------------------------------------------------------- fp16 hazard
@@ -111,8 +90,5 @@ def _guided(generator, inputs):
 
 @pytest.mark.parametrize("opt_level", ["O1", "O2"])
 def test_fp16_textureless_image_hazard_and_the_fp32_stem(batch, opt_level):
-    flat = flat_images(2, SIZE)
-    errors_flat = stem_errors(MUNIT, _guided, [flat, batch["image_b"]], opt_level, fp32_inputs=2)
-    errors_textured = stem_errors(MUNIT, _guided, [batch["image_a"], batch["image_b"]], opt_level, fp32_inputs=2)
-    check_stem_hazard(errors_flat, errors_textured)
-    assert MUNIT.fp32_batch_keys == ("image_a", "image_b") and all(p["fp32_stem"] for p in MUNIT.presets.values())
+    textured = [batch["image_a"], batch["image_b"]]
+    check_stem_hazard(MUNIT, _guided, [flat_images(2, SIZE), batch["image_b"]], textured, opt_level)

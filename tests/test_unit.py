@@ -9,35 +9,16 @@ import torch
 from models.base import load_model
 from models.translation import MultiResPatchDiscriminator
 from models.unit import UNIT, latent_kl
-from orchestrator.config import DataConfig, load_config
-from tests.model_contract import LEVELS, check_resume, check_trains
-from tests.translation_common import (assert_within, batch_of, build, check_checkpointing, check_losses_and_grads,
-                                      check_stem_hazard, eps_of, flat_images, paper_counts, stem_errors)
+from tests.translation_common import one_thread  # noqa: F401  (autouse fixture)
+from tests.translation_common import (assert_within, batch_fixture, build, check_checkpointing, check_losses_and_grads,
+                                      check_search_space, check_stem_hazard, contract_tests, eps_of, flat_images,
+                                      paper_counts)
 
 SIZE = 32
-DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return batch_of(UNIT(), SIZE)
-
-
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("unit", DATA, opt_level, dtype)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("unit", DATA, tmp_path)
+batch = batch_fixture(UNIT, SIZE)
+test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly = contract_tests("unit")
 
 
 def test_registry_presets_and_eps_sites():
@@ -107,9 +88,7 @@ def test_rejects_sizes_the_encoder_cannot_halve(batch):
 
 
 def test_search_space_loads():
-    config = load_config("search_spaces/unit.yaml")
-    assert config.model.name == "unit" and set(config.search.eps) <= set(UNIT.eps_sites)
-    assert config.quality.metric == "ssim"
+    check_search_space(UNIT, "ssim")
 
 
 # ---------------------------------------------------------------------------- fp16 hazards
@@ -146,7 +125,4 @@ def _translate(generator, inputs):
 @pytest.mark.parametrize("opt_level", ["O1", "O2"])
 def test_fp16_textureless_image_hazard_and_the_fp32_stem(batch, opt_level):
     flat = flat_images(2, SIZE)
-    errors_flat = stem_errors(UNIT, _translate, [flat, flat.flip(0)], opt_level, fp32_inputs=2)
-    errors_textured = stem_errors(UNIT, _translate, [batch["image_a"], batch["image_b"]], opt_level, fp32_inputs=2)
-    check_stem_hazard(errors_flat, errors_textured)
-    assert UNIT.fp32_batch_keys == ("image_a", "image_b") and all(p["fp32_stem"] for p in UNIT.presets.values())
+    check_stem_hazard(UNIT, _translate, [flat, flat.flip(0)], [batch["image_a"], batch["image_b"]], opt_level)

@@ -4,8 +4,11 @@ fp16-vs-fp32 comparison the hazard tests use."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import default_collate
@@ -13,9 +16,37 @@ from torch.utils.data import default_collate
 from models.base import GANModel, Nets
 from models.spade import SNConv2d
 from models.translation import AdaIN, count_parameters
-from orchestrator.config import DataConfig
+from orchestrator.config import DataConfig, StudyConfig, load_config
 from orchestrator.precision import PrecisionPolicy
 from orchestrator.settings import SpeedFlags
+from tests.model_contract import LEVELS, check_resume, check_trains
+
+# the contract runs at 16x16: fp16 on a CPU is emulated, ~10-75x slower than fp32
+CONTRACT_DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread per test module (import it to use it): on a shared 2-core CPU two
+    OpenMP threads competing with other processes make steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def contract_tests(model_name: str, data: DataConfig = CONTRACT_DATA):
+    """The trainer contract of ``tests/model_contract.py`` as two test functions for a model's test
+    module: every opt level trains, and a checkpoint round trip resumes exactly."""
+
+    @pytest.mark.parametrize("opt_level,dtype", LEVELS)
+    def test_trains_under_each_level(opt_level, dtype):
+        check_trains(model_name, data, opt_level, dtype)
+
+    def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
+        check_resume(model_name, data, tmp_path)
+
+    return test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly
 
 
 def build(cls: type[GANModel], preset: str = "tiny", seed: int = 0, eps: dict | None = None,
@@ -29,6 +60,28 @@ def batch_of(model: GANModel, size: int, split: str = "train", n: int = 2, **dat
     dataset = model.dataset(DataConfig(height=size, width=size, train_samples=max(n, 2), val_samples=max(n, 2),
                                        **data), split)
     return default_collate([dataset[i] for i in range(n)])
+
+
+def batch_fixture(cls: type[GANModel], size: int = 32, split: str = "train", **data: Any):
+    """A module-scoped ``batch`` fixture: two items of ``cls``'s data at ``size``."""
+
+    @pytest.fixture(scope="module")
+    def batch() -> dict[str, torch.Tensor]:
+        return batch_of(cls(), size, split, **data)
+
+    return batch
+
+
+def check_search_space(cls: type[GANModel], metric: str) -> StudyConfig:
+    """``search_spaces/<name>.yaml`` loads, names the model, searches only its eps sites (each
+    with its default among the values), decides by ``metric``, and stays a tiny grid (a few
+    minutes of profiling on 2 cores)."""
+    config = load_config(f"search_spaces/{cls.name}.yaml")
+    assert config.model.name == cls.name and config.quality.metric == metric
+    assert set(config.search.eps) <= set(cls.eps_sites)
+    assert all(cls.eps_sites[site] in values for site, values in config.search.eps.items())
+    assert len(config.search.candidates()) <= 24
+    return config
 
 
 def assert_finite_grads(module: nn.Module, what: str) -> None:
@@ -154,14 +207,20 @@ def stem_errors(cls: type[GANModel], run: Callable[[nn.Module, list[torch.Tensor
     return errors
 
 
-def check_stem_hazard(errors_flat: dict[bool, float], errors_textured: dict[bool, float]) -> None:
+def check_stem_hazard(cls: type[GANModel], run: Callable[[nn.Module, list[torch.Tensor]], torch.Tensor],
+                      flat_inputs: list[torch.Tensor], textured_inputs: list[torch.Tensor], opt_level: str) -> None:
     """Without the fix a textureless image drives fp16 far from fp32 (measured 3-5 % at the tiny
-    presets), several times what textured data does; with the fix it does not (measured < 0.5 %)."""
+    presets), several times what textured data does; with the fix it does not (measured < 0.5 %).
+    The inputs come in the order of ``cls.fp32_batch_keys`` first; the fix is every preset's default."""
+    fp32_inputs = len(cls.fp32_batch_keys)
+    errors_flat = stem_errors(cls, run, flat_inputs, opt_level, fp32_inputs)
+    errors_textured = stem_errors(cls, run, textured_inputs, opt_level, fp32_inputs)
     broken, fixed = errors_flat[False], errors_flat[True]
     assert broken > 0.02, f"no hazard without the fp32 stem: {broken:.4f}"
     assert fixed < 0.01, f"the fp32 stem did not fix it: {fixed:.4f}"
     assert broken > 4 * fixed
     assert errors_textured[False] < broken / 2, "the hazard is specific to textureless images"
+    assert all(preset["fp32_stem"] for preset in cls.presets.values())
 
 
 # ---------------------------------------------------------------------------- FUNIT and COCO-FUNIT

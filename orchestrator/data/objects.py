@@ -77,7 +77,7 @@ class ObjectClass:
     eye_height: float
 
     @classmethod
-    def draw(cls, seed: int, class_id: int) -> "ObjectClass":
+    def draw(cls, seed: int, class_id: int) -> ObjectClass:
         rng = np.random.default_rng(np.random.SeedSequence([abs(seed), int(seed < 0), _CLASS_TAG, class_id]))
         hue = rng.random()
         return cls(
@@ -104,7 +104,7 @@ class Pose:
     gradient: float
 
     @classmethod
-    def draw(cls, rng: np.random.Generator) -> "Pose":
+    def draw(cls, rng: np.random.Generator) -> Pose:
         bg = _hsv(rng.random(), rng.uniform(0.05, 0.5), rng.uniform(0.3, 0.95))
         bg2 = np.clip(bg * rng.uniform(0.6, 1.2) + rng.uniform(-0.1, 0.1, 3), 0, 1).astype(np.float32)
         return cls(cx=float(rng.uniform(0.38, 0.62)), cy=float(rng.uniform(0.4, 0.6)),
