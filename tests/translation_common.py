@@ -155,19 +155,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def half_vs_full(forward: Callable[[nn.Module, list[torch.Tensor]], torch.Tensor], module: nn.Module,
-                 inputs: list[torch.Tensor], opt_level: str = "O1") -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 output, fp16 output) of ``forward(module, inputs)``, the fp16 one under the trainer's
-    precision policy at ``opt_level`` (O1: autocast; O2: half weights, norms kept fp32)."""
-    policy = PrecisionPolicy(opt_level, "fp16", device_type="cpu")
-    half = policy.prepare_network(copy.deepcopy(module))
-    with torch.no_grad():
-        full = forward(module, inputs)
-        with policy.autocast():
-            low = forward(half, [t.to(policy.input_dtype) if t.is_floating_point() else t for t in inputs])
-    return full.float(), low.float()
-
-
 # ---------------------------------------------------------------------------- the stem hazard
 #
 # Shared by the four models' hazard tests (see ``models.translation.ContentEncoder``): a
