@@ -27,6 +27,10 @@ Networks: that config's (imaginaire's "improved FUNIT", the COCO-FUNIT paper's b
 that ``n_mlp`` counts the MLP's layers literally (the config says 3, imaginaire builds 2: 66 k more
 parameters here).
 
+fp16: the content encoder's first unit runs in fp32 on fp32 content images (``fp32_stem``,
+``fp32_batch_keys``; models/translation.py ``ContentEncoder`` says why, tests/test_funit.py shows the
+hazard without the fix).
+
 Batch (``orchestrator.data.objects``): ``content`` (N, 3, H, W), ``content_class`` (N,),
 ``examples`` (N, K, 3, H, W), ``example_class`` (N,), ``target`` (N, 3, H, W): the ground-truth
 translation, used only by ``samples`` (never by a loss). H and W must be divisible by

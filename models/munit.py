@@ -26,6 +26,10 @@ there) and D (the config's ``weight_norm_type: spectral``), computed in fp32 (mo
 Networks: that config's, with the upsampling units' AdaIN replaced by MUNIT's own layer norm (0.7 %
 fewer generator parameters).
 
+fp16: the content encoder's first unit runs in fp32 on fp32 images (``fp32_stem``,
+``fp32_batch_keys``; models/translation.py ``ContentEncoder`` says why, tests/test_munit.py shows the
+hazard without the fix).
+
 Batch (``orchestrator.data.two_domain``): ``image_a``, ``image_b`` (N, 3, H, W). ``samples``
 translates a -> b with the style encoded from the true B image of the same scene (and b -> a with
 the true A image's), so the output has a ground truth: (2N, 3, H, W). H and W must be divisible by

@@ -19,6 +19,10 @@ encoder blocks and first decoder blocks of the two domains are one module) is ``
 the published configs share nothing (the KL prior and the cycle tie the latent spaces), so the
 ``paper`` preset has 0 and the smaller presets 1, to keep the mechanism exercised.
 
+fp16: the KL squares the code in fp32 (``latent_kl``), and the content encoder's first unit runs in
+fp32 on fp32 images (``fp32_stem``, ``fp32_batch_keys``; models/translation.py ``ContentEncoder``
+says why); tests/test_unit.py shows both hazards without their fixes.
+
 Batch (``orchestrator.data.two_domain``): ``image_a``, ``image_b`` (N, 3, H, W). ``samples``
 returns both translations (a -> b, then b -> a) against the other domain's image of the same scene
 (validation items are paired by construction): (2N, 3, H, W). H and W must be divisible by
