@@ -159,6 +159,10 @@ _REGISTRY: dict[str, str] = {
     "vid2vid": "models.vid2vid:Vid2Vid",
     "fs_vid2vid": "models.fs_vid2vid:FewShotVid2Vid",
     "wc_vid2vid": "models.wc_vid2vid:WCVid2Vid",
+    "unit": "models.unit:UNIT",
+    "munit": "models.munit:MUNIT",
+    "funit": "models.funit:FUNIT",
+    "coco_funit": "models.coco_funit:COCOFUNIT",
 }
 
 

@@ -13,20 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-NormKind = Literal["instance", "batch", "none"]
+NormKind = Literal["instance", "batch", "layer", "none"]
 ActKind = Literal["relu", "lrelu", "tanh", "none"]
 PadMode = Literal["zeros", "reflect", "replicate"]
 
 
-def norm_layer(kind: NormKind, channels: int, eps: float = 1e-5) -> nn.Module:
-    """``instance`` (no affine, no running stats, as in pix2pixHD), ``batch`` or ``none``."""
+def norm_layer(kind: NormKind, channels: int, eps: float = 1e-5, affine: bool = False) -> nn.Module:
+    """``instance`` (no running stats; no affine unless ``affine``, as in pix2pixHD), ``batch``,
+    ``layer`` or ``none``.
+
+    ``layer`` is the CNN layer norm of MUNIT's decoder: statistics over (C, H, W) per sample and a
+    per-channel scale and shift, i.e. ``GroupNorm`` with one group (so the precision policy keeps it
+    fp32 under O2 like every other norm module)."""
     if kind == "instance":
-        return nn.InstanceNorm2d(channels, eps=eps, affine=False, track_running_stats=False)
+        return nn.InstanceNorm2d(channels, eps=eps, affine=affine, track_running_stats=False)
     if kind == "batch":
         return nn.BatchNorm2d(channels, eps=eps)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels, eps=eps)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; allowed: instance, batch, none")
+    raise ValueError(f"unknown norm {kind!r}; allowed: instance, batch, layer, none")
 
 
 def activation(kind: ActKind) -> nn.Module:
