@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault("model.name", model_name)
     try:
         config = load_config(path, overrides)
+        if config.search.auto_eps:
+            from orchestrator.doctor import expand_auto_eps  # the doctor picks the eps values (no Ray)
+
+            config = expand_auto_eps(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -54,13 +54,20 @@ class SearchConfig(BaseModel):
     dtype: list[HalfDtype] = Field(default_factory=lambda: ["bf16"], min_length=1)
     # "auto": per precision setting, the largest batch that fits (orchestrator/batch_finder.py)
     batch_size: list[PositiveInt | Literal["auto"]] = Field(default_factory=lambda: [2], min_length=1)
-    eps: dict[str, list[PositiveFloat]] = Field(default_factory=dict)  # site -> candidate values
+    # site -> candidate values; "auto" (every site) or a site's "auto": the doctor's suggestions,
+    # filled in by orchestrator.doctor.expand_auto_eps before the study starts
+    eps: dict[str, list[PositiveFloat] | Literal["auto"]] | Literal["auto"] = Field(default_factory=dict)
     checkpointing: list[Checkpointing] = Field(default_factory=lambda: ["none"], min_length=1)
     fused_optimizer: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     fusion: list[Fusion] = Field(default_factory=lambda: ["none"], min_length=1)
     affinity: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     channels_last: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     tf32: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+
+    @property
+    def auto_eps(self) -> bool:
+        """``eps: auto`` (or a site's ``auto``) still waits for the doctor's values."""
+        return self.eps == "auto" or "auto" in self.eps.values()
 
     @property
     def auto_batch(self) -> bool:
@@ -74,6 +81,8 @@ class SearchConfig(BaseModel):
     def candidates(self) -> list[Setting]:
         """Every distinct setting of the grid (dtype is irrelevant at O0, so O0 appears once per
         combination of the other dimensions)."""
+        if self.auto_eps:
+            raise ValueError("search.eps 'auto' must be expanded first (orchestrator.doctor.expand_auto_eps)")
         flag_names = ["checkpointing", "fused_optimizer", "fusion", "affinity", "channels_last", "tf32"]
         eps_sites = sorted(self.eps)
         seen: dict[str, Setting] = {}
@@ -227,7 +236,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
     try:
         model = load_model(config.model.name, **config.model.options)
         model.arch(config.model.preset)
-        model.resolve_eps({site: values[0] for site, values in config.search.eps.items()})
+        eps = config.search.eps if isinstance(config.search.eps, dict) else {}
+        model.resolve_eps({site: 1.0 if values == "auto" else values[0] for site, values in eps.items()})
     except ValueError as error:
         raise ConfigError(f"invalid study configuration in {source}: model: {error}") from None
     return config
