@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     doc.add_argument("--preset", default="tiny", help="tiny | small | paper (default: %(default)s)")
     doc.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     doc.add_argument("--opt-level", choices=["O1", "O2", "O3"], default="O1")
-    doc.add_argument("--steps", type=int, default=2, help="instrumented training steps (default: %(default)s; "
-                     "0: the paired forward only)")
+    doc.add_argument("--steps", type=int, default=2, help="training steps in the chosen precision after the paired "
+                     "forward/backward (default: %(default)s; the last one under torch.profiler, the others under the "
+                     "op tracer; 0: the paired pass only)")
     doc.add_argument("--batch-size", type=int, default=2)
     doc.add_argument("--search-space", type=Path,
                      help="take the data section and model options from this study YAML (default: the model's own)")

@@ -5,17 +5,19 @@
 reference) and once in the chosen precision, and looks at them four ways:
 
 1. **Paired forward** (same weights, same batch, same random draws): every module's output in the
-   chosen precision against fp32 (relative error, and how much a module grows the error it was
-   given), its largest magnitude against the dtype's largest number (headroom in powers of two),
-   and the share of its fp32 values the half dtype flushes to zero or keeps only as subnormals.
-   The backward of the same pass gives every parameter's exact gradient, from which the share that
-   underflows at the loss scale in use follows.
+   chosen precision against fp32 (relative error), its largest magnitude against the dtype's
+   largest number (headroom in powers of two), and the share of its fp32 values the half dtype
+   flushes to zero or keeps only as subnormals. For norm layers, how much of the half-precision
+   rounding of their input their eps lets through to their unit-scale output (channels that are
+   nearly constant are divided by ~sqrt(eps)). The backward of the same pass gives every
+   parameter's exact gradient, from which the share that underflows at the loss scale in use follows.
 2. **Instrumented training steps** in the chosen precision (the model's losses and
-   ``PrecisionPolicy.step``, driven here phase by phase): a dispatch mode sees every ATen op with
-   the dtypes it really ran in, and records where the first inf/NaN appears (op, module, phase:
-   forward, loss, backward or optimizer, and the Python line), every small constant added in half
-   precision (the model's eps sites, found by value) with the magnitudes it is added to, and every
-   large factor applied to a half-precision product in one step.
+   ``PrecisionPolicy.step``, driven here phase by phase; the paired pass is step 0): a dispatch
+   mode sees every ATen op with the dtypes it really ran in, and records where the first inf/NaN
+   appears (op, module, phase: forward, loss, backward or optimizer, and the Python line), every
+   small constant added in half precision (the model's eps sites, found by value) with the
+   magnitudes it is added to, and every large factor applied to a half-precision product in one
+   step. With the profiler on, the last training step runs under it instead.
 3. **Constants**: each eps site's value in the dtype (vanishes, subnormal or exact), which modules
    hold it (found by building the model once more with each site nudged to a marker value) and in
    which dtype it was actually applied.
@@ -55,14 +57,15 @@ from orchestrator.precision import HALF_DTYPES, NORM_TYPES, Diverged
 from orchestrator.settings import Setting
 from orchestrator.trainer import Trainer, unwrap
 
-PHASES = ("forward", "loss", "backward", "optimizer")
+PHASES = ("forward", "loss", "backward", "optimizer")  # where a non-finite value can first appear
 SAMPLE = 65536  # elements kept per tensor for paired comparisons (a fixed stride through it)
 # A norm layer divides each channel by sqrt(var + eps): a channel that is nearly constant (var far
 # below its mean squared) but not damped by eps rescales the half-precision rounding of its input
 # (std ~ |x| * resolution / sqrt(12)) to a visible share of a unit-scale output. This much noise,
-# injected by one layer, is a hazard (few-shot vid2vid's label encoder with eps 1e-5: 4 %; the
-# project's other models: at most 0.15 % in fp16) ...
-NORM_NOISE_HAZARD = 0.03
+# injected by one layer, is a hazard (in fp16: few-shot vid2vid's label encoder at the published
+# structure with eps 1e-5, the seeds' hazard, 3.6 %; vid2vid tiny 1 %; the other models at most
+# 0.15 %) ...
+NORM_NOISE_HAZARD = 0.02
 NORM_NOISE_TARGET = 0.002  # ... and a suggested eps brings it below this (a well-conditioned layer's)
 GRAD_FLUSH_WARN = 0.10  # share of a parameter's nonzero gradient lost to underflow: warning
 GRAD_FLUSH_HAZARD = 0.50  # ... and hazard
@@ -98,7 +101,7 @@ class DtypeFacts:
         return float(torch.tensor(value, dtype=self.dtype))
 
     def kept(self, value: float) -> str:
-        """How the dtype keeps ``value``: 'exact', 'subnormal', 'rounds to 0' or 'overflows'."""
+        """How the dtype keeps ``value``: 'normal', 'subnormal (...)', 'rounds to 0' or 'overflows'."""
         stored = self.rounds(value)
         if value != 0 and stored == 0:
             return "rounds to 0"
@@ -253,10 +256,20 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return flat[::stride][:SAMPLE].to(device="cpu", dtype=torch.float32, copy=True)  # a copy: in-place ops follow
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Every element finite. One fp32 sum: any inf or NaN makes it non-finite; only when it is
+    (or a huge tensor overflowed it) the exact elementwise check runs."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     if value.shape != reference.shape:
         return math.nan
-    if not torch.isfinite(value).all():
+    if not _finite(value):
         return math.inf
     denominator = float(reference.norm())
     difference = float((value - reference).norm())
@@ -277,6 +290,7 @@ class _Watch:
         self.stack: list[str] = []
         self.boundaries: list[set[int]] = []
         self.phase = "idle"  # idle | loss | backward | optimizer
+        self.busy = False  # the hooks' own tensor work (the op tracer ignores it)
         self.network = ""
         self.step = -1
         self.collect = False  # module output statistics (instrumented steps, paired forward)
@@ -339,39 +353,47 @@ class _Watch:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self.phase == "idle" or not self.stack:
                 return
-            self.stack.pop()
-            boundary = self.boundaries.pop() if self.boundaries else set()
-            outputs = _floats(output)
-            self._tag(outputs, name, boundary)
-            if self.phase != "loss" or not outputs:
-                return  # a checkpointed block recomputed in the backward pass: no new statistics
-            if self.collect:
-                self._stats(name, outputs)
-            if self.capture is not None or self.compare is not None:
-                key = (self.network, name, self.calls[(self.network, name)])
-                self.calls[(self.network, name)] += 1
-                inputs = _floats((args, kwargs))
-                out_sample = _sample(outputs[0])
-                in_sample = _sample(inputs[0]) if inputs else None
-                if self.capture is not None:
-                    self.capture[key] = (in_sample, out_sample)
-                    self._reference_stats(name, outputs)
-                    if inputs and self.stats[name].eps is not None:
-                        self._norm_noise(name, module, inputs[0])
-                elif key in self.compare:
-                    ref_in, ref_out = self.compare[key]
-                    error = _rel_error(out_sample, ref_out)
-                    error_in = (_rel_error(in_sample, ref_in)
-                                if in_sample is not None and ref_in is not None else None)
-                    stats = self.stats[name]
-                    if stats.error is None or (math.isfinite(error) and error > stats.error) or (
-                            not math.isfinite(error) and math.isfinite(stats.error)):
-                        stats.error, stats.error_in = error, error_in
-                        stats.ref_rms = float(ref_out.pow(2).mean().sqrt()) if ref_out.numel() else 0.0
-                        stats.error_rms = (float((out_sample - ref_out).pow(2).mean().sqrt())
-                                           if out_sample.shape == ref_out.shape else math.nan)
+            self.busy = True
+            try:
+                self._after(name, module, args, kwargs, output)
+            finally:
+                self.busy = False
 
         return hook
+
+    def _after(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Statistics, captures and comparisons of one module call (after its forward)."""
+        self.stack.pop()
+        boundary = self.boundaries.pop() if self.boundaries else set()
+        outputs = _floats(output)
+        self._tag(outputs, name, boundary)
+        if self.phase != "loss" or not outputs:
+            return  # a checkpointed block recomputed in the backward pass: no new statistics
+        if self.collect:
+            self._stats(name, outputs)
+        if self.capture is not None or self.compare is not None:
+            key = (self.network, name, self.calls[(self.network, name)])
+            self.calls[(self.network, name)] += 1
+            inputs = _floats((args, kwargs))
+            out_sample = _sample(outputs[0])
+            in_sample = _sample(inputs[0]) if inputs else None
+            if self.capture is not None:
+                self.capture[key] = (in_sample, out_sample)
+                self._reference_stats(name, outputs)
+                if inputs and self.stats[name].eps is not None:
+                    self._norm_noise(name, module, inputs[0])
+            elif key in self.compare:
+                ref_in, ref_out = self.compare[key]
+                error = _rel_error(out_sample, ref_out)
+                error_in = (_rel_error(in_sample, ref_in)
+                            if in_sample is not None and ref_in is not None else None)
+                stats = self.stats[name]
+                if stats.error is None or (math.isfinite(error) and error > stats.error) or (
+                        not math.isfinite(error) and math.isfinite(stats.error)):
+                    stats.error, stats.error_in = error, error_in
+                    stats.ref_rms = float(ref_out.pow(2).mean().sqrt()) if ref_out.numel() else 0.0
+                    stats.error_rms = (float((out_sample - ref_out).pow(2).mean().sqrt())
+                                       if out_sample.shape == ref_out.shape else math.nan)
 
     @staticmethod
     def _tag(outputs: list[torch.Tensor], name: str, boundary: set[int]) -> None:
@@ -389,21 +411,31 @@ class _Watch:
             todo.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
 
     def _stats(self, name: str, outputs: list[torch.Tensor]) -> None:
+        """Output dtype, largest finite magnitude (whole tensor); shares of non-finite, zero and
+        subnormal values (from the fixed-stride sample, scaled to the tensor)."""
         stats = self.stats[name]
         stats.calls += 1
         for t in outputs:
             t = t.detach()
+            if not t.numel():
+                continue
             stats.dtypes.add(t.dtype)
-            finite = torch.isfinite(t)
-            magnitude = t.abs().masked_fill(~finite, 0)
+            finite = _finite(t)
+            if finite:
+                largest = float(t.abs().max())
+            else:
+                ok = torch.isfinite(t)
+                largest = float(t.abs().masked_fill(~ok, 0).max())
+            sample = t.reshape(-1)[:: max(1, t.numel() // SAMPLE)][:SAMPLE]
+            magnitude = sample.abs()
             tiny = torch.finfo(t.dtype).tiny
-            values = torch.stack([magnitude.max().float() if t.numel() else torch.zeros(()),
-                                  (~finite).sum().float(), (t == 0).sum().float(),
-                                  ((magnitude > 0) & (magnitude < tiny)).sum().float()]).tolist()
-            stats.max_abs = max(stats.max_abs, values[0])
-            stats.nonfinite += int(values[1])
-            stats.zeros += int(values[2])
-            stats.subnormal += int(values[3])
+            values = torch.stack([(~torch.isfinite(sample)).sum() if not finite else torch.zeros((), dtype=torch.long),
+                                  (sample == 0).sum(), ((magnitude > 0) & (magnitude < tiny)).sum()]).tolist()
+            scale = t.numel() / sample.numel()
+            stats.max_abs = max(stats.max_abs, largest)
+            stats.nonfinite += round(values[0] * scale)
+            stats.zeros += round(values[1] * scale)
+            stats.subnormal += round(values[2] * scale)
             stats.numel += t.numel()
 
     def _norm_noise(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
@@ -420,11 +452,17 @@ class _Watch:
             groups = x.reshape(x.shape[0], module.num_groups, -1)
         else:
             return
+        count = groups.shape[-1]
         mean, var = groups.mean(-1), groups.var(-1, unbiased=False)
-        mean_square = mean.square() + var
-        gain = float((mean_square.sqrt() / (var + eps).sqrt()).max())
+        # the rounding errors of the inputs (std ~ unit * rms) pass minus their mean (one degree of
+        # freedom) and, where var dominates eps (the output's scale is then fixed), minus their
+        # component along the output (another): a pair of values normalises to +-1 whatever their
+        # rounding. A group whose fp32 values are all equal rounds to equal values: no noise at all.
+        passed = (count - 1 - var / (var + eps)).clamp_min(0) / count
+        rounding = ((mean.square() + var) * passed).masked_fill(var == 0, 0)
+        gain = float((rounding.sqrt() / (var + eps).sqrt()).max())
         unit = self.facts.resolution / math.sqrt(12)  # std of a rounding error, relative
-        needed = float((mean_square * (unit / NORM_NOISE_TARGET) ** 2 - var).max().clamp_min(0))
+        needed = float((rounding * (unit / NORM_NOISE_TARGET) ** 2 - var).max().clamp_min(0))
         stats = self.stats[name]
         stats.noise_gain = max(stats.noise_gain or 0.0, gain)
         stats.eps_needed = max(stats.eps_needed or 0.0, needed)
@@ -433,16 +471,18 @@ class _Watch:
         """fp32 values the half dtype would flush to zero or keep only as subnormals."""
         stats = self.stats[name]
         for t in outputs:
-            magnitude = t.detach().abs().float()
+            if not t.numel():
+                continue
+            largest = float(t.detach().abs().max())
+            if math.isfinite(largest):
+                stats.ref_max_abs = max(stats.ref_max_abs, largest)
+            magnitude = _sample(t).abs()  # shares from the fixed-stride sample
             nonzero = magnitude > 0
-            values = torch.stack([magnitude.max() if t.numel() else torch.zeros(()), nonzero.sum().float(),
-                                  (nonzero & (magnitude < self.facts.subnormal / 2)).sum().float(),
-                                  (nonzero & (magnitude < self.facts.tiny)).sum().float()]).tolist()
-            if math.isfinite(values[0]):
-                stats.ref_max_abs = max(stats.ref_max_abs, values[0])
-            stats.ref_nonzero += int(values[1])
-            stats.ref_flushed += int(values[2])
-            stats.ref_subnormal += int(values[3])
+            values = torch.stack([nonzero.sum(), (nonzero & (magnitude < self.facts.subnormal / 2)).sum(),
+                                  (nonzero & (magnitude < self.facts.tiny)).sum()]).tolist()
+            stats.ref_nonzero += int(values[0])
+            stats.ref_flushed += int(values[1])
+            stats.ref_subnormal += int(values[2])
 
 
 # --------------------------------------------------------------------------- the op tracer
@@ -451,7 +491,7 @@ class _Watch:
 _SKIP_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
              "detach", "lift_fresh", "_local_scalar_dense", "zeros_like", "ones_like", "zero_",
              "_to_dense", "alias"}
-_PASS_THROUGH = {"_to_copy", "clone", "contiguous", "expand", "repeat", "sqrt", "copy", "_unsafe_view"}
+_PASS_THROUGH = {"_to_copy", "clone", "contiguous", "expand", "repeat", "sqrt", "_unsafe_view"}
 _CONSUMERS = {"reciprocal", "rsqrt", "div", "log", "pow"}
 _PRODUCTS = {"bmm", "mm", "baddbmm", "addmm", "addbmm", "matmul", "dot", "mv", "sum"}
 _EPS_OPS = {"add", "add_", "clamp_min", "clamp_min_", "clamp", "clamp_", "_foreach_add", "_foreach_add_"}
@@ -549,14 +589,13 @@ class _Tracer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in _SKIP_OPS or self.watch.phase == "idle":
+        if name in _SKIP_OPS or self.watch.phase == "idle" or self.watch.busy:
             return func(*args, **kwargs)
         self.ops += 1
         mutated = self._mutated(func)
         pre_ok = None
         if mutated:
-            pre_ok = all(bool(torch.isfinite(t).all()) for i in mutated if i < len(args)
-                         for t in _floats(args[i]))
+            pre_ok = all(_finite(t) for i in mutated if i < len(args) for t in _floats(args[i]))
         out = func(*args, **kwargs)
         results = _floats(out) if out is not None else [t for i in mutated if i < len(args) for t in _floats(args[i])]
         if getattr(func, "is_view", False) or name in _PASS_THROUGH:
@@ -646,7 +685,7 @@ class _Tracer(TorchDispatchMode):
         if operand is None or operand not in self.eps_of or self.watch.phase == "backward":
             return  # (backward ops reuse the guarded tensor too: its overflows are loss scaling's)
         use = self.eps_uses[self.eps_of[operand]]
-        bad = any(not bool(torch.isfinite(t).all()) for t in results)
+        bad = any(not _finite(t) for t in results)
         entry = use.consumers.setdefault(name, {"dtype": _short_dtype(results[0].dtype) if results else "?",
                                                 "nonfinite": False})
         entry["nonfinite"] = entry["nonfinite"] or bad
@@ -677,7 +716,7 @@ class _Tracer(TorchDispatchMode):
 
     def _check_finite(self, name: str, args: tuple, kwargs: dict, results: list[torch.Tensor],
                       mutated: tuple[int, ...], pre_ok: bool | None) -> None:
-        bad = [t for t in results if t.numel() and not bool(torch.isfinite(t).all())]
+        bad = [t for t in results if not _finite(t)]
         if not bad:
             return
         scalars = [a for a in list(args) + list(kwargs.values()) if isinstance(a, float)]
@@ -687,7 +726,7 @@ class _Tracer(TorchDispatchMode):
         inputs += _floats(kwargs)
         if not inputs and pre_ok is None:
             return  # made from nothing (a factory): not an origin
-        if pre_ok is False or any(not bool(torch.isfinite(t).all()) for t in inputs):
+        if pre_ok is False or any(not _finite(t) for t in inputs):
             return
         phase, module, where = self._where()
         place = (self.watch.network, phase, module, name, where)
@@ -766,23 +805,26 @@ class _Setting:
                 loss, _ = self.trainer.losses[name](self.trainer.nets, batch)
         return loss
 
-    def paired(self, batch: dict, capture: dict | None, compare: dict | None) -> dict[str, dict]:
+    def paired(self, batch: dict, capture: dict | None, compare: dict | None,
+               tracer: _Tracer | None = None, collect: bool = False) -> dict[str, dict]:
         """The paired pass: every loss's forward at the initial weights (module captures or
         comparisons) and its backward at this setting's loss scale; returns each trained
-        parameter's gradient sample and the scale it was computed at. No update."""
+        parameter's gradient sample and the scale it was computed at. No update. With ``tracer``
+        its ops are traced too (the doctor's ``steps=0``)."""
         watch = self.watch
-        watch.capture, watch.compare, watch.collect = capture, compare, capture is not None
+        watch.capture, watch.compare, watch.collect = capture, compare, collect
         watch.calls = Counter()
         grads: dict[str, dict] = {}
         try:
             for index, name in enumerate(self.networks()):
                 for optimizer in self.trainer.optimizers.values():
                     optimizer.zero_grad(set_to_none=True)
-                watch.begin(-1, name)
-                loss = self._loss(name, batch, self.seed + index)
-                watch.phase = "backward"
+                watch.begin(0, name)
                 scale = self.policy.scale(name)
-                (loss.float() * scale).backward()
+                with tracer if tracer is not None else _nothing():
+                    loss = self._loss(name, batch, self.seed + index)
+                    watch.phase = "backward"
+                    (loss.float() * scale).backward()
                 for param in unwrap(self.trainer.nets.named()[name]).parameters():
                     if param.grad is not None and id(param) in self.params:
                         _, pname = self.params[id(param)]
@@ -812,7 +854,7 @@ class _Setting:
                 for index, name in enumerate(self.networks()):
                     optimizer = self.trainer.optimizers[name]
                     optimizer.zero_grad(set_to_none=True)
-                    watch.begin(step, name)
+                    watch.begin(step + 1, name)  # step 0: the paired pass
                     self.scales[name].append(self.policy.scale(name))
                     with tracer if tracer is not None else _nothing():
                         loss = self._loss(name, batch, self.seed + 1000 * (step + 1) + index)
@@ -824,7 +866,7 @@ class _Setting:
                             if check is not None:
                                 check()
                         except Diverged as error:
-                            self.diverged = self.diverged or f"{error} at doctor step {step}"
+                            self.diverged = self.diverged or f"{error} at doctor step {step + 1}"
                     watch.phase = "idle"
                 self.losses.append(losses)
                 if self.diverged:
@@ -1334,7 +1376,12 @@ def _run(d: Diagnosis, model: GANModel, data: DataConfig, eps: dict[str, float],
         capture: dict = {}
         ref_grads = reference.paired(ref_batches[0], capture, None)
         say(f"paired forward: {d.setting_label}")
-        cand_grads = candidate.paired(cand_batches[0], None, capture)
+        attr_sites = _attr_sites(model, d.preset, eps, candidate.setting.flags)
+        tracer = _Tracer(candidate.watch, sites, attr_sites, facts,
+                         scale=lambda: candidate.policy.scale(candidate.watch.network))
+        # with the profiler on, the last training step runs under it (untraced): the others under the tracer
+        traced = d.steps - 1 if profile and d.steps else d.steps
+        cand_grads = candidate.paired(cand_batches[0], None, capture, tracer, collect=traced == 0)
         capture.clear()
         # the reference's statistics were collected on its own watch: move them onto the candidate's
         for name, stats in candidate.watch.stats.items():
@@ -1343,14 +1390,12 @@ def _run(d: Diagnosis, model: GANModel, data: DataConfig, eps: dict[str, float],
             stats.ref_flushed, stats.ref_subnormal = ref.ref_flushed, ref.ref_subnormal
             stats.noise_gain, stats.eps_needed = ref.noise_gain, ref.eps_needed
 
-        attr_sites = _attr_sites(model, d.preset, eps, candidate.setting.flags)
-        tracer = _Tracer(candidate.watch, sites, attr_sites, facts,
-                         scale=lambda: candidate.policy.scale(candidate.watch.network))
-        if d.steps:
-            say(f"{d.steps} instrumented step(s) in {d.setting_label}")
-            candidate.train(cand_batches[: d.steps], tracer)
+        if traced:
+            say(f"{traced} instrumented training step(s) in {d.setting_label}")
+            candidate.train(cand_batches[:traced], tracer)
         else:
-            d.notes.append("steps=0: the paired forward only (no instrumented training step, no op trace)")
+            d.notes.append("no training step ran under the op tracer (only the paired forward and backward: "
+                           "no update, so no optimizer phase)")
             for name in candidate.networks():
                 candidate.scales[name].append(candidate.policy.scale(name))
         d.status = f"diverged: {candidate.diverged}" if candidate.diverged else "ok"
@@ -1369,7 +1414,11 @@ def _run(d: Diagnosis, model: GANModel, data: DataConfig, eps: dict[str, float],
         if profile:
             say("per-layer breakdown: fp32 and " + d.setting_label)
             fp32 = _profile(reference, ref_batches[0])
-            half = _profile(candidate, cand_batches[0])
+            half = _profile(candidate, cand_batches[max(d.steps, 1) - 1])
+            for name in candidate.networks():
+                candidate.scales[name].append(candidate.policy.scale(name))
+            if candidate.policy.uses_scaler:
+                d.loss_scales = {k: v for k, v in candidate.scales.items()}
             types = {name: s.type for name, s in candidate.watch.stats.items()}
             d.profile = [{"module": name, "type": types.get(name, ""),
                           "fp32_fwd_ms": fp32.get(name, {}).get("fwd_ms", 0.0),
@@ -1446,7 +1495,8 @@ def _verdicts(d: Diagnosis) -> list[Finding]:
     facts = d.facts
     fp16 = d.dtype == "fp16"
     findings: list[Finding] = []
-    by_site: dict[str, Finding] = {}
+    by_site: dict[str, Finding] = {}  # one finding per eps site
+    by_origin: dict[tuple, Finding] = {}  # one per place where non-finite values appear without one
 
     def site_finding(site: str, kind: str, title: str) -> Finding:
         if site not in by_site:
@@ -1495,11 +1545,11 @@ def _verdicts(d: Diagnosis) -> list[Finding]:
             f.kind = "nonfinite"
             f.module, f.phase = o["module"] or f.module, o["phase"]
             f.callsite = f.callsite or o["where"]
-            f.title = (f"eps site `{o['eps']['site']}` ({o['eps']['value']:g}) does not keep {o['op']} finite "
-                       f"in {o['dtype']} ({o['module'] or o['where']}, {o['phase']})")
+            f.title = (f"eps site `{o['eps']['site']}` ({o['eps']['value']:g}, added in {o['eps']['dtype']}) does not "
+                       f"keep {o['op']} ({o['dtype']}) finite in {o['module'] or o['where']} ({o['phase']})")
             continue
-        key = ("origin", o["module"], o["op"], o["phase"])
-        if key in by_site:
+        key = (o["module"], o["op"], o["phase"])
+        if key in by_origin:
             continue
         f = Finding("hazard", "nonfinite",
                     f"{o['value']} first appears in {o['module'] or o['where']} ({o['op']} in {o['dtype']}, {o['phase']})",
@@ -1511,9 +1561,9 @@ def _verdicts(d: Diagnosis) -> list[Finding]:
             f.action = (f"keep module `{o['module']}` in fp32" + (" (its values leave the dtype's range)" if overflow else ""))
         else:
             f.action = f"compute {o['where']} in fp32"
-        if fp16:
-            f.bf16 = "prefer bf16: it has fp32's exponent range, so values that overflow or vanish in fp16 fit"
-        by_site[key] = f  # type: ignore[index]
+        if fp16 and overflow:
+            f.bf16 = "prefer bf16: it has fp32's exponent range, so values that overflow fp16 fit"
+        by_origin[key] = f
         findings.append(f)
     if scaled_overflow and d.status.startswith("diverged") and "scale" in d.status:
         o = scaled_overflow[0]
@@ -1610,17 +1660,18 @@ def _verdicts(d: Diagnosis) -> list[Finding]:
 
     # actions for eps sites
     for site, f in by_site.items():
-        if not isinstance(site, str):
-            continue
         value = d.eps.get(site)
         if f.kind in ("eps_vanishes", "nonfinite"):
             if fp16 and value is not None:
                 kept = DtypeFacts.of("bf16").kept(value)
-                f.bf16 = (f"prefer bf16: {value:g} is {'a normal' if kept == 'normal' else kept} bf16 number and bf16 has "
-                          f"fp32's range" if kept != "rounds to 0" else "")
-            f.action = f"raise eps site `{site}` from {value:g}"
+                f.bf16 = (f"prefer bf16: it keeps {value:g} ({kept}) and has fp32's exponent range"
+                          if kept != "rounds to 0" else "")
+            f.action = (f"raise eps site `{site}` from {value:g} to {max(facts.safe_eps(), value * 10):g} or more "
+                        f"(the smallest power of ten {d.dtype} keeps within 10 %)")
         elif f.kind == "norm_noise":
-            f.action = f"raise eps site `{site}` from {value:g}"
+            needed = max((m["eps_needed"] or 0.0) for m in d.modules if m["site"] == site)
+            f.action = (f"raise eps site `{site}` from {value:g} to about {max(_decade(needed), value * 10):g} "
+                        f"(brings the injected noise below {NORM_NOISE_TARGET:.1%})")
     order = {"hazard": 0, "warning": 1}
     findings.sort(key=lambda f: order.get(f.severity, 2))
     return findings
@@ -1647,64 +1698,69 @@ def _suggest(d: Diagnosis, model_arg: str | GANModel, instance: GANModel, data: 
              say: Callable[[str], None]) -> None:
     """For each eps site with a hazard: the smallest raised value that removes it, found by
     re-running the doctor (one step; the paired forward for norm noise), and the values to search."""
-    facts = d.facts
     for f in d.findings:
-        if not f.site or f.severity != "hazard" or f.kind not in ("eps_vanishes", "nonfinite", "norm_noise"):
-            continue
-        current = d.eps[f.site]
-        if f.kind == "norm_noise":
-            needed = max((m["eps_needed"] or 0.0) for m in d.modules if m["site"] == f.site)
-            ladder = _ladder(max(_decade(needed), current * 10))
-            first = ladder[0] if ladder else None
-        else:
-            first = max(facts.safe_eps(), current * 10)
-            ladder = _ladder(first)
-        tried: dict[float, bool] = {}
+        if f.site and f.severity == "hazard" and f.kind in ("eps_vanishes", "nonfinite", "norm_noise"):
+            _suggest_one(d, f, model_arg, instance, data, eps, options, device, seed, max_probes, say)
 
-        def works(value: float) -> bool:
-            if value not in tried:
-                say(f"checking {f.site}={value:g}")
-                noise = f.kind == "norm_noise"
-                probe = diagnose(model_arg if isinstance(model_arg, str) else instance, preset=d.preset,
-                                 dtype=d.dtype, opt_level=d.opt_level, steps=0 if noise else 1,
-                                 batch_size=d.batch_size, data=data, eps={**eps, f.site: value}, options=options,
-                                 device=device, seed=seed, profile=False, suggest=False)
-                if noise:  # down to a well-conditioned layer's noise, not merely below the hazard line
-                    tried[value] = all((m["injected_noise"] or 0.0) <= NORM_NOISE_TARGET * 1.5
-                                       for m in probe.modules if m["site"] == f.site)
-                else:
-                    tried[value] = not any(g.site == f.site and g.severity == "hazard" for g in probe.hazards)
-            return tried[value]
 
-        found = None
-        candidates = list(ladder)
-        if first is not None and candidates and len(tried) < max_probes and works(candidates[0]):
-            found = candidates[0]
-        else:
-            lo, hi = (1 if first is not None else 0), len(candidates) - 1
-            while lo <= hi and len(tried) < max_probes:
-                mid = (lo + hi) // 2
-                if works(candidates[mid]):
-                    found, hi = candidates[mid], mid - 1
-                else:
-                    lo = mid + 1
-        checks = ", ".join(f"{v:g} {'ok' if ok else 'still hazardous'}" for v, ok in sorted(tried.items()))
-        if found is not None:
-            f.suggested = [v for v in (found, found * 10) if v <= 1.0 + 1e-9] or [found]
-            f.suggested = [float(f"{v:g}") for v in f.suggested]
-            f.action = f"raise eps site `{f.site}` from {current:g} to {found:g} in {d.dtype}"
-            f.verified = f"re-ran the doctor with {checks}"
-            smallest = min((u["min_nonzero"] for u in d.eps_uses if u["site"] == f.site
-                            and u["dtype"] == d.dtype and math.isfinite(u["min_nonzero"])), default=math.inf)
-            if f.kind != "norm_noise" and found > 0.01 * smallest:
-                f.action += (f"; but {found:g} is {found / smallest:.0%} of the smallest nonzero value it is added to "
-                             f"({smallest:.3g}), so it changes the result there: computing "
-                             f"{f.callsite or 'that line'} in fp32 keeps {current:g} exact")
-        else:
-            where = f"module `{f.module}`" if f.module else (f.callsite or "that computation")
-            f.action = (f"no raised `{f.site}` removed it ({checks or 'not checked'}): keep {where} in fp32"
-                        + (" or prefer bf16" if f.bf16.startswith("prefer") else ""))
-            f.verified = checks
+def _suggest_one(d: Diagnosis, f: Finding, model_arg: str | GANModel, instance: GANModel, data: DataConfig,
+                 eps: dict[str, float], options: dict | None, device: str, seed: int, max_probes: int,
+                 say: Callable[[str], None]) -> None:
+    facts = d.facts
+    current = d.eps[f.site]
+    if f.kind == "norm_noise":
+        needed = max((m["eps_needed"] or 0.0) for m in d.modules if m["site"] == f.site)
+        ladder = _ladder(max(_decade(needed), current * 10))
+        first = ladder[0] if ladder else None
+    else:
+        first = max(facts.safe_eps(), current * 10)
+        ladder = _ladder(first)
+    tried: dict[float, bool] = {}
+
+    def works(value: float) -> bool:
+        if value not in tried:
+            say(f"checking {f.site}={value:g}")
+            noise = f.kind == "norm_noise"
+            probe = diagnose(model_arg if isinstance(model_arg, str) else instance, preset=d.preset,
+                             dtype=d.dtype, opt_level=d.opt_level, steps=1 if f.phase == "optimizer" else 0,
+                             batch_size=d.batch_size, data=data, eps={**eps, f.site: value}, options=options,
+                             device=device, seed=seed, profile=False, suggest=False)
+            if noise:  # down to a well-conditioned layer's noise, not merely below the hazard line
+                tried[value] = all((m["injected_noise"] or 0.0) <= NORM_NOISE_TARGET * 1.5
+                                   for m in probe.modules if m["site"] == f.site)
+            else:
+                tried[value] = not any(g.site == f.site and g.severity == "hazard" for g in probe.hazards)
+        return tried[value]
+
+    found = None
+    candidates = list(ladder)
+    if first is not None and candidates and len(tried) < max_probes and works(candidates[0]):
+        found = candidates[0]
+    else:
+        lo, hi = (1 if first is not None else 0), len(candidates) - 1
+        while lo <= hi and len(tried) < max_probes:
+            mid = (lo + hi) // 2
+            if works(candidates[mid]):
+                found, hi = candidates[mid], mid - 1
+            else:
+                lo = mid + 1
+    checks = ", ".join(f"{v:g} {'ok' if ok else 'still hazardous'}" for v, ok in sorted(tried.items()))
+    if found is not None:
+        f.suggested = [v for v in (found, found * 10) if v <= 1.0 + 1e-9] or [found]
+        f.suggested = [float(f"{v:g}") for v in f.suggested]
+        f.action = f"raise eps site `{f.site}` from {current:g} to {found:g} in {d.dtype}"
+        f.verified = f"re-ran the doctor with {checks}"
+        smallest = min((u["min_nonzero"] for u in d.eps_uses if u["site"] == f.site
+                        and u["dtype"] == d.dtype and math.isfinite(u["min_nonzero"])), default=math.inf)
+        if f.kind != "norm_noise" and found > 0.01 * smallest:
+            f.action += (f"; but {found:g} is {found / smallest:.0%} of the smallest nonzero value it is added to "
+                         f"({smallest:.3g}), so it changes the result there: computing "
+                         f"{f.callsite or 'that line'} in fp32 keeps {current:g} exact")
+    else:
+        where = f"module `{f.module}`" if f.module else (f.callsite or "that computation")
+        f.action = (f"no raised `{f.site}` removed it ({checks or 'not checked'}): keep {where} in fp32"
+                    + (" or prefer bf16" if f.bf16.startswith("prefer") else ""))
+        f.verified = checks
 
 
 # --------------------------------------------------------------------------- search.eps: auto
