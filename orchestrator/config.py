@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, WrapValidator,
+                      field_serializer, field_validator, model_validator)
 
 from orchestrator.settings import Checkpointing, Fusion, HalfDtype, OptLevel, Setting, SpeedFlags
 
@@ -45,6 +45,14 @@ class ModelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)  # overrides of preset keys
 
 
+def _auto_or(value: Any, handler: Any) -> Any:
+    """The literal "auto" as it is; anything else validated as annotated (errors keep their field)."""
+    return value if value == "auto" else handler(value)
+
+
+_AUTO = WrapValidator(_auto_or)
+
+
 class SearchConfig(BaseModel):
     """The dimensions searched. Each is a list of candidate values; the study crosses them."""
 
@@ -56,13 +64,17 @@ class SearchConfig(BaseModel):
     batch_size: list[PositiveInt | Literal["auto"]] = Field(default_factory=lambda: [2], min_length=1)
     # site -> candidate values; "auto" (every site) or a site's "auto": the doctor's suggestions,
     # filled in by orchestrator.doctor.expand_auto_eps before the study starts
-    eps: dict[str, list[PositiveFloat] | Literal["auto"]] | Literal["auto"] = Field(default_factory=dict)
+    eps: Annotated[dict[str, Annotated[list[PositiveFloat], _AUTO]], _AUTO] = Field(default_factory=dict)
     checkpointing: list[Checkpointing] = Field(default_factory=lambda: ["none"], min_length=1)
     fused_optimizer: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     fusion: list[Fusion] = Field(default_factory=lambda: ["none"], min_length=1)
     affinity: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     channels_last: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     tf32: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+
+    @field_serializer("eps")
+    def _eps_as_given(self, value: Any) -> Any:
+        return value  # "auto" (whole or per site) is no list: written back as given
 
     @property
     def auto_eps(self) -> bool:

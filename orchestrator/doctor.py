@@ -1138,7 +1138,7 @@ class Diagnosis:
     def summary(self, limit: int = 8) -> str:
         """The terminal summary."""
         lines = [f"doctor: {self.model} ({self.preset}) {self.setting_label}, batch {self.batch_size}, "
-                 f"{self.steps} step(s) on {self.device}, {self.seconds:.0f} s: {self.status}"]
+                 f"paired pass + {self.steps} step(s) on {self.device}, {self.seconds:.0f} s: {self.status}"]
         first = self.first_nonfinite
         lines.append(f"first inf/NaN: {_origin_text(first)}" if first else "first inf/NaN: none")
         if not self.findings:
@@ -1162,7 +1162,9 @@ class Diagnosis:
     def markdown(self) -> str:
         f16 = self.facts
         out = [f"# Doctor: {self.model} ({self.preset}), {self.setting_label}", "",
-               f"{self.steps} instrumented training step(s) at batch {self.batch_size} on {self.device}, "
+               f"The paired fp32/{self.dtype} pass and {self.steps} training step(s) "
+               f"({'the last under torch.profiler, the others ' if self.profile else ''}under the op tracer) "
+               f"at batch {self.batch_size} on {self.device}, "
                f"{self.seconds:.0f} s; status: **{self.status}**. {f16.name}: max {f16.max:.4g}, smallest "
                f"normal {f16.tiny:.3g}, smallest subnormal {f16.subnormal:.3g}, resolution {f16.resolution:.3g}.", ""]
         out += ["## Verdicts", ""]

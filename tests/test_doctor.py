@@ -203,6 +203,9 @@ def test_config_accepts_auto_and_refuses_to_grid_it(tmp_path):
     assert load_config(planted_space(tmp_path, eps="auto")).search.eps == "auto"
     with pytest.raises(ConfigError, match="no eps site"):
         load_config(planted_space(tmp_path, eps={"hint_nrom": "auto"}))
+    with pytest.raises(ConfigError, match="search.eps.hint_norm.0"):  # a bad value is still named
+        load_config(planted_space(tmp_path, eps={"hint_norm": [-1.0]}))
+    assert config.model_dump(mode="json")["search"]["eps"] == {"hint_norm": "auto"}
 
 
 def test_auto_eps_searches_the_doctors_values(tmp_path):
