@@ -5,6 +5,7 @@
     amp-study report --experiment pix2pixhd-tiny --tracking-uri URI --to DIR   # ... from MLflow alone
     amp-study sync --output runs/pix2pixhd-tiny [--tracking-uri URI]           # log rows MLflow missed
     amp-study compare runs/*/                            # the cross-model table
+    amp-study doctor --model NAME|file.py:Class [--dtype fp16] [--opt-level O1]   # fp16 hazards before a search
     amp-study --version
 """
 from __future__ import annotations
@@ -94,7 +95,31 @@ def main(argv: list[str] | None = None) -> int:
     cmp_ = sub.add_parser("compare", help="the cross-model table of several studies' recommendations")
     cmp_.add_argument("recommendations", type=Path, nargs="+",
                       help="recommendations/<model>.yaml files, or study output folders")
+    doc = sub.add_parser("doctor", help="a model's fp16/bf16 hazards and per-layer cost, from a few instrumented steps")
+    doc.add_argument("--model", required=True, help="registered model name, or path/to/file.py:ClassName")
+    doc.add_argument("--preset", default="tiny", help="tiny | small | paper (default: %(default)s)")
+    doc.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    doc.add_argument("--opt-level", choices=["O1", "O2", "O3"], default="O1")
+    doc.add_argument("--steps", type=int, default=2, help="training steps in the chosen precision after the paired "
+                     "forward/backward (default: %(default)s; the last one under torch.profiler, the others under the "
+                     "op tracer; 0: the paired pass only)")
+    doc.add_argument("--batch-size", type=int, default=2)
+    doc.add_argument("--search-space", type=Path,
+                     help="take the data section and model options from this study YAML (default: the model's own)")
+    doc.add_argument("--eps", action="append", default=[], metavar="SITE=VALUE", help="an eps site's value (repeatable)")
+    doc.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a preset key (YAML value; repeatable)")
+    doc.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    doc.add_argument("--no-profile", action="store_true", help="skip the per-layer time breakdown")
+    doc.add_argument("--no-suggest", action="store_true", help="do not re-run to find and check eps values")
+    doc.add_argument("--output", type=Path, help="where doctor.md and doctor.json go "
+                     "(default: runs/doctor/<model>-<preset>-<opt level>-<dtype>)")
+    doc.add_argument("--tracking-uri", help="log an MLflow run there (default: $MLFLOW_TRACKING_URI; none when unset)")
+    doc.add_argument("--experiment", default="doctor", help="MLflow experiment of that run (default: %(default)s)")
     args = parser.parse_args(argv)
+
+    if args.command == "doctor":
+        return doctor(args, parser)
 
     if args.command == "compare":
         from orchestrator.report import cross_model_table
@@ -136,6 +161,52 @@ def main(argv: list[str] | None = None) -> int:
     rec = build_report(config, frame, target.resolve(), uri)
     print(f"recommended for {rec['model']}: {rec['recommended']['label']} — {rec['recommended']['verdict']}")
     print(f"written to {target.resolve()}")
+    return 0
+
+
+def doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``python -m orchestrator doctor``: run the doctor, print its summary, write doctor.md/json."""
+    import os
+
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.doctor import diagnose, log_to_mlflow
+
+    def pairs(items: list[str], what: str) -> dict:
+        out = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--{what} expects KEY=VALUE, got {item!r}")
+            out[key] = yaml.safe_load(value)
+        return out
+
+    eps = {k: float(v) for k, v in pairs(args.eps, "eps").items()}
+    options = pairs(args.option, "option")
+    data = None
+    if args.search_space:
+        try:
+            config = load_config(args.search_space, {"model.name": args.model})
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        data, options = config.data, {**config.model.options, **options}
+    try:
+        diagnosis = diagnose(args.model, preset=args.preset, dtype=args.dtype, opt_level=args.opt_level,
+                             steps=args.steps, batch_size=args.batch_size, data=data, eps=eps, options=options,
+                             device=args.device, profile=not args.no_profile, suggest=not args.no_suggest,
+                             log=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    name = Path(args.model.split(":")[-1]).name if ".py:" in args.model else args.model
+    folder = args.output or Path("runs") / "doctor" / f"{name}-{args.preset}-{args.opt_level}-{args.dtype}"
+    files = diagnosis.write(folder)
+    print(diagnosis.summary())
+    print(f"written: {files['doctor.md'].resolve()}, {files['doctor.json'].resolve()}")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        run_id = log_to_mlflow(diagnosis, uri, args.experiment, files)
+        print(f"MLflow run {run_id} in experiment {args.experiment!r} at {uri}")
     return 0
 
 

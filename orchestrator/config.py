@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, WrapValidator,
+                      field_serializer, field_validator, model_validator)
 
 from orchestrator.settings import TF32, Checkpointing, Fusion, HalfDtype, OptLevel, Setting, SpeedFlags, tf32_value
 
@@ -45,6 +45,14 @@ class ModelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)  # overrides of preset keys
 
 
+def _auto_or(value: Any, handler: Any) -> Any:
+    """The literal "auto" as it is; anything else validated as annotated (errors keep their field)."""
+    return value if value == "auto" else handler(value)
+
+
+_AUTO = WrapValidator(_auto_or)
+
+
 class SearchConfig(BaseModel):
     """The dimensions searched. Each is a list of candidate values; the study crosses them."""
 
@@ -54,7 +62,9 @@ class SearchConfig(BaseModel):
     dtype: list[HalfDtype] = Field(default_factory=lambda: ["bf16"], min_length=1)
     # "auto": per precision setting, the largest batch that fits (orchestrator/batch_finder.py)
     batch_size: list[PositiveInt | Literal["auto"]] = Field(default_factory=lambda: [2], min_length=1)
-    eps: dict[str, list[PositiveFloat]] = Field(default_factory=dict)  # site -> candidate values
+    # site -> candidate values; "auto" (every site) or a site's "auto": the doctor's suggestions,
+    # filled in by orchestrator.doctor.expand_auto_eps before the study starts
+    eps: Annotated[dict[str, Annotated[list[PositiveFloat], _AUTO]], _AUTO] = Field(default_factory=dict)
     checkpointing: list[Checkpointing] = Field(default_factory=lambda: ["none"], min_length=1)
     fused_optimizer: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     fusion: list[Fusion] = Field(default_factory=lambda: ["none"], min_length=1)
@@ -76,6 +86,15 @@ class SearchConfig(BaseModel):
             return self.model_copy(update={"tf32": ["off", "on"]})
         return self
 
+    @field_serializer("eps")
+    def _eps_as_given(self, value: Any) -> Any:
+        return value  # "auto" (whole or per site) is no list: written back as given
+
+    @property
+    def auto_eps(self) -> bool:
+        """``eps: auto`` (or a site's ``auto``) still waits for the doctor's values."""
+        return self.eps == "auto" or "auto" in self.eps.values()
+
     @property
     def auto_batch(self) -> bool:
         return "auto" in self.batch_size
@@ -93,6 +112,8 @@ class SearchConfig(BaseModel):
     def candidates(self) -> list[Setting]:
         """Every distinct setting of the grid (dtype is irrelevant at O0, so O0 appears once per
         combination of the other dimensions)."""
+        if self.auto_eps:
+            raise ValueError("search.eps 'auto' must be expanded first (orchestrator.doctor.expand_auto_eps)")
         flag_names = list(SpeedFlags.model_fields)
         eps_sites = sorted(self.eps)
         seen: dict[str, Setting] = {}
@@ -313,7 +334,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
     try:
         model = load_model(config.model.name, **config.model.options)
         model.arch(config.model.preset)
-        model.resolve_eps({site: values[0] for site, values in config.search.eps.items()})
+        eps = config.search.eps if isinstance(config.search.eps, dict) else {}
+        model.resolve_eps({site: 1.0 if values == "auto" else values[0] for site, values in eps.items()})
     except ValueError as error:
         raise ConfigError(f"invalid study configuration in {source}: model: {error}") from None
     ignored = [name for name, field in SpeedFlags.model_fields.items()

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None, prog: str = RUN_SCRIPT) -> int:
             samples = min(config.budget.train_samples, QUICK_MAX_SAMPLES)
             config = load_config(path, {"budget.train_samples": samples, "experiment": f"{config.experiment}-quick",
                                         **overrides})
+        if config.search.auto_eps:
+            from orchestrator.doctor import expand_auto_eps  # the doctor picks the eps values (no Ray)
+
+            config = expand_auto_eps(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -201,3 +201,24 @@ class Tracker:
         batch = [mlflow.entities.Metric(k, v, now, 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[i:i + 500])
+
+
+def log_standalone_run(uri: str, experiment: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                       artifacts: list[Path] = (), tags: dict[str, str] | None = None) -> str:
+    """One finished run outside any study (e.g. ``python -m orchestrator doctor``); returns its id."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=name, tags=dict(tags or {}))
+    run_id = run.info.run_id
+    import time
+
+    batch = [mlflow.entities.Param(str(k), str(v)[:6000]) for k, v in params.items()]
+    now = int(time.time() * 1000)
+    finite = [mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))]
+    client.log_batch(run_id, params=batch, metrics=finite)
+    for path in artifacts:
+        if path and Path(path).exists():
+            client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
