@@ -288,27 +288,41 @@ class _AnswerKnown(ray.tune.search.Searcher):
     """The Optuna searcher, with proposals whose answer is already known answered on the driver at
     once instead of by a trial: what stage 1 rejected (its speedup, the penalty loss) and what was
     trained before (its result). Optuna learns from them all the same; only settings that need
-    training start a Tune trial (a Ray worker process)."""
+    training start a Tune trial (a Ray worker process). TPE re-proposes known points once it has
+    settled on a region: after ``patience`` known answers in a row, the most promising untried
+    setting (``untried()``, enqueued into the Optuna study) is proposed instead, so the trial budget
+    is spent on training, and the search ends when nothing untried is left."""
 
-    def __init__(self, inner: ray.tune.search.Searcher, answer: Callable[[dict], dict | None], max_known: int = 500):
+    def __init__(self, inner: ray.tune.search.Searcher, answer: Callable[[dict], dict | None],
+                 untried: Callable[[], dict | None], enqueue: Callable[[dict], None],
+                 on_suggest: Callable[[dict], None], patience: int = 20):
         super().__init__(metric=inner.metric, mode=inner.mode)
-        self.inner, self.answer, self.max_known = inner, answer, max_known
+        self.inner, self.answer, self.untried, self.enqueue = inner, answer, untried, enqueue
+        self.on_suggest, self.patience = on_suggest, patience
         self.answered = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.inner.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str):
-        for _ in range(self.max_known):
+        known_in_a_row = 0
+        while True:
             config = self.inner.suggest(trial_id)
             if not isinstance(config, dict):
                 return config
             known = self.answer(config)
             if known is None:
+                self.on_suggest(config)
                 return config
             self.inner.on_trial_complete(trial_id, result=known)
             self.answered += 1
-        return ray.tune.search.Searcher.FINISHED  # everything it proposes is known: nothing left to train
+            known_in_a_row += 1
+            if known_in_a_row >= self.patience:
+                params = self.untried()
+                if params is None:
+                    return ray.tune.search.Searcher.FINISHED  # nothing left worth training
+                self.enqueue(params)
+                known_in_a_row = 0
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.inner.on_trial_result(trial_id, result)
@@ -397,7 +411,19 @@ def run_search(study: StudyConfig, grid: list[Setting], known: dict[str, dict], 
             return {"speedup": row["speedup"], "drift_in_margins": row["drift_in_margins"]}
         return None
 
-    searcher = _AnswerKnown(optuna_search, answer)
+    proposed: set[str] = set()
+
+    def untried() -> dict[str, Any] | None:
+        """The fastest survivor not trained, cached or proposed yet."""
+        for setting in ordered:
+            key = setting.key()
+            if key not in proposed and answer(space.params(setting)) is None:
+                return space.params(setting)
+        return None
+
+    searcher = _AnswerKnown(optuna_search, answer, untried=untried,
+                            enqueue=lambda params: optuna_study.enqueue_trial(params),
+                            on_suggest=lambda params: proposed.add(space.setting(params).key()))
     trainable = ray.tune.with_parameters(quality_trial, study=study, space=space, profiled=known,
                                          survivors={s.key() for s in survivors}, storage=str(storage),
                                          evaluate=evaluate, rung_bands=rung_bands)
