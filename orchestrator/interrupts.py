@@ -59,6 +59,11 @@ def catch_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def pause_requested() -> bool:
+    """Whether this process was asked to pause at some phase (the fault tests)."""
+    return bool(os.environ.get(PAUSE_AT) and os.environ.get(PAUSE_FILE))
+
+
 def pause_point(name: str) -> None:
     """Wait here (forever) when the environment asks this phase to pause; see the module docstring."""
     if os.environ.get(PAUSE_AT) != name or not os.environ.get(PAUSE_FILE):

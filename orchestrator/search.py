@@ -219,7 +219,8 @@ def quality_trial(params: dict[str, Any], *, study: StudyConfig, space: "SearchS
 class SearchSpace:
     """The dimensions Optuna searches in stage 2: opt level, dtype, batch size, each eps site and
     each speed flag, with the values the profiled grid gives them (a dimension with one value is
-    fixed, not searched). ``setting(params)`` maps a proposal back to a setting of the grid's form
+    fixed, not searched; opt level is always searched, so a one-setting grid still gives Tune and
+    Optuna a space to sample). ``setting(params)`` maps a proposal back to a setting of the grid's form
     (eps values equal to the model's default dropped, as ``plan.candidate_grid`` does)."""
 
     def __init__(self, grid: list[Setting], eps_defaults: dict[str, float]):
@@ -229,8 +230,9 @@ class SearchSpace:
             for dim, value in self._point(setting).items():
                 if value not in values.setdefault(dim, []):
                     values[dim].append(value)
-        self.fixed = {d: v[0] for d, v in values.items() if len(v) == 1}
-        self.dims = {d: sorted(v, key=str) for d, v in values.items() if len(v) > 1}
+        searched = {d for d, v in values.items() if len(v) > 1} | {"opt_level"}
+        self.fixed = {d: v[0] for d, v in values.items() if d not in searched}
+        self.dims = {d: sorted(v, key=str) for d, v in values.items() if d in searched}
 
     def _point(self, setting: Setting) -> dict[str, Any]:
         point: dict[str, Any] = {"opt_level": setting.opt_level, "dtype": setting.dtype,
@@ -300,6 +302,10 @@ class _AnswerKnown(ray.tune.search.Searcher):
         self.inner, self.answer, self.untried, self.enqueue = inner, answer, untried, enqueue
         self.on_suggest, self.patience = on_suggest, patience
         self.answered = 0
+        # each proposal is its own Optuna trial: an id answered here is finished, and asking the
+        # inner searcher again under it would hand back the same finished trial (forever)
+        self.inner_id: dict[str, str] = {}
+        self.asked = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.inner.set_search_properties(metric, mode, config, **spec)
@@ -307,14 +313,17 @@ class _AnswerKnown(ray.tune.search.Searcher):
     def suggest(self, trial_id: str):
         known_in_a_row = 0
         while True:
-            config = self.inner.suggest(trial_id)
+            self.asked += 1
+            inner_id = f"{trial_id}~{self.asked}"
+            config = self.inner.suggest(inner_id)
             if not isinstance(config, dict):
                 return config
             known = self.answer(config)
             if known is None:
+                self.inner_id[trial_id] = inner_id
                 self.on_suggest(config)
                 return config
-            self.inner.on_trial_complete(trial_id, result=known)
+            self.inner.on_trial_complete(inner_id, result=known)
             self.answered += 1
             known_in_a_row += 1
             if known_in_a_row >= self.patience:
@@ -325,10 +334,12 @@ class _AnswerKnown(ray.tune.search.Searcher):
                 known_in_a_row = 0
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.inner.on_trial_result(trial_id, result)
+        if trial_id in self.inner_id:
+            self.inner.on_trial_result(self.inner_id[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.inner.on_trial_complete(trial_id, result=result, error=error)
+        if trial_id in self.inner_id:
+            self.inner.on_trial_complete(self.inner_id.pop(trial_id), result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
         self.inner.save(checkpoint_path)

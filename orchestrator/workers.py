@@ -86,7 +86,32 @@ def _report(metrics: dict[str, Any], progress: dict[str, Any], trainer: Trainer 
                 if src.exists():
                     (Path(tmp) / name).write_bytes(src.read_bytes())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        before = _run_snapshot() if interrupts.pause_requested() else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if before is not None and checkpoint is not None:
+            _wait_for_new_snapshot(before)
+
+
+def _run_snapshot() -> bytes:
+    """The run's checkpoint list as Ray Train's controller last wrote it (b"" before the first)."""
+    storage = ray.train.get_context().get_storage()
+    try:
+        with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError):
+        return b""
+
+
+def _wait_for_new_snapshot(before: bytes, timeout: float = 60.0) -> None:
+    """Wait until the controller has recorded the checkpoint just reported.
+
+    The controller takes a report on its next poll of the workers: a pause point right after the
+    report (where a fault test interrupts the study) would otherwise race it, and a resumed run
+    would not see the checkpoint. Only done when a pause is requested; a user's Ctrl-C in that
+    quarter second costs at most the unit of work just finished."""
+    deadline = time.monotonic() + timeout
+    while _run_snapshot() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _model_and_data(study: StudyConfig):

@@ -113,7 +113,7 @@ def test_a_planted_drift_stops_at_the_first_rung_and_the_study_goes_on(tmp_path)
 
     table = pd.read_parquet(out / "results.parquet")
     refs = table[table["kind"] == "reference"]
-    assert all(set(json.loads(r)) == {"16", "32"} for r in refs["rung_quality"])  # measured at both rungs
+    assert all(set(json.loads(r)) >= {"16", "32"} for r in refs["rung_quality"])  # both rungs (and the curve points)
     row = table[table["kind"] == "candidate"].set_index("label").loc["O1-bf16-b2"]
     assert row["status"] == "stopped" and "early stop after 16 of 64 samples" in row["reason"]
     assert int(row["steps"]) == 16 // 2 and int(row["stopped_at_samples"]) == 16  # a quarter of the budget

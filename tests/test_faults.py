@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +56,11 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
     output, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, output[-4000:]
     return output
+
+
+def profiled_settings(output: str) -> list[str]:
+    """The study's "[profile] k/n <setting>: ..." lines (one per setting profiled)."""
+    return re.findall(r"\[profile\] \d+/\d+ .*", output)
 
 
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -168,7 +174,7 @@ def test_ctrl_c_in_every_phase_stops_at_once_and_resume_repeats_nothing(tmp_path
                 proc.kill()
         assert proc.returncode == 130, f"{phase}:\n{output[-4000:]}"
         assert "--resume" in output and "Traceback" not in output, f"{phase}:\n{output[-4000:]}"
-        seen_profile_lines += [line for line in output.splitlines() if "[profile]" in line]
+        seen_profile_lines += profiled_settings(output)
         if (out / "results.parquet").exists():
             session = (pd.read_parquet(out / "results.parquet").set_index("row_id").get("ray_session_dir", {})
                        .get("study"))
@@ -180,7 +186,7 @@ def test_ctrl_c_in_every_phase_stops_at_once_and_resume_repeats_nothing(tmp_path
     table = pd.read_parquet(out / "results.parquet")
     candidates = table[table["kind"] == "candidate"]
     # every setting profiled exactly once over all the runs
-    assert len(seen_profile_lines + [line for line in output.splitlines() if "[profile]" in line]) == len(candidates)
+    assert len(seen_profile_lines + profiled_settings(output)) == len(candidates)
     assert sorted(table[table["kind"] == "reference"]["seed"].astype(int)) == [0, 1]
     assert candidates["trial_done"].fillna(0).sum() == 1
     assert (out / "report.md").exists()

@@ -35,3 +35,52 @@ def test_a_proposal_outside_the_grid_still_maps_to_a_setting():
     params = {d: values[0] for d, values in space.dims.items()}
     setting = space.setting(params)
     assert setting.opt_level == space.dims["opt_level"][0] and setting.batch_size == space.dims["batch_size"][0]
+
+
+def test_a_one_setting_grid_still_has_a_dimension_to_sample():
+    """Tune's Optuna searcher refuses an empty space: a study with a single candidate (one opt
+    level, one batch size, no flags) must still give it one dimension."""
+    config = load_config(default_path("pix2pixhd"))
+    grid = candidate_grid(config, CPU, sample=False)[:1]
+    space = SearchSpace(grid, load_model("pix2pixhd").eps_sites)
+    assert space.dims == {"opt_level": [grid[0].opt_level]}
+    assert space.setting(space.params(grid[0])) == grid[0]
+    assert set(space.tune_space()) == {"opt_level"}
+
+
+def _searcher(known: dict[str, dict], patience: int = 5):
+    """An ``_AnswerKnown`` over a real OptunaSearch on one dimension ``x`` in a, b, c."""
+    import ray.tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.search import _AnswerKnown
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    inner = OptunaSearch(space={"x": ray.tune.choice(["a", "b", "c"])}, metric=["speedup", "drift"],
+                         mode=["max", "min"], sampler=optuna.samplers.TPESampler(seed=0))
+    inner._ot_study = study  # noqa: SLF001 - the queue below must reach the study the searcher asks
+    proposed: list[str] = []
+
+    def untried():
+        rest = [x for x in "abc" if x not in known and x not in proposed]
+        return {"x": rest[0]} if rest else None
+
+    return _AnswerKnown(inner, answer=lambda p: known.get(p["x"]), untried=untried,
+                        enqueue=study.enqueue_trial, on_suggest=lambda p: proposed.append(p["x"]),
+                        patience=patience)
+
+
+def test_known_proposals_are_answered_and_the_search_reaches_the_untried_point():
+    """Two of three points are known: every proposal the searcher hands Tune is the third, each
+    known answer is a finished Optuna trial of its own, and once nothing is untried it finishes
+    (a known point re-proposed under the same id would loop forever)."""
+    import ray.tune
+
+    known = {"a": {"speedup": 0.0, "drift": 1000.0}, "b": {"speedup": 1.2, "drift": 1000.0}}
+    searcher = _searcher(known)
+    assert searcher.suggest("t1") == {"x": "c"}
+    searcher.on_trial_complete("t1", result={"speedup": 1.5, "drift": 0.0})
+    known["c"] = {"speedup": 1.5, "drift": 0.0}
+    assert searcher.suggest("t2") == ray.tune.search.Searcher.FINISHED
+    states = [t.state for t in searcher.inner._ot_study.trials]  # noqa: SLF001
+    assert states.count(optuna.trial.TrialState.COMPLETE) == len(states) == searcher.answered + 1
