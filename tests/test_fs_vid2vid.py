@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import default_collate
 
 import models
-from models.base import Nets, load_model
+from models.base import Nets
 from models.fs_vid2vid import FewShotVid2Vid, batch_conv, softmax_in_place_dtype, warp
 from orchestrator.config import DataConfig, load_config
 from orchestrator.data.fewshot import FewShotDataset
 from orchestrator.precision import PrecisionPolicy
-from orchestrator.settings import SpeedFlags
-from tests.model_contract import LEVELS, check_resume, check_trains
+from tests import model_contract
+from tests.model_contract import (assert_finite_grads, assert_same_generator_grads, check_losses_and_grads,
+                                  check_registry_and_presets, contract_tests)
 
 SIZE = 32
 DATA = DataConfig(height=SIZE, width=SIZE, train_samples=8, val_samples=4)
@@ -33,61 +35,30 @@ def batch() -> dict[str, torch.Tensor]:
     return default_collate([data[0], data[1]])
 
 
-def build(seed: int = 0, checkpointing: str = "none", eps: dict | None = None, preset: str = "tiny",
-          **options) -> tuple[FewShotVid2Vid, Nets]:
-    model = FewShotVid2Vid(**options)
-    torch.manual_seed(seed)
-    nets = model.build(preset, model.resolve_eps(eps), SpeedFlags(checkpointing=checkpointing))
-    return model, nets
+build = partial(model_contract.build, FewShotVid2Vid)
 
 
 def generate(nets: Nets, batch):
     return nets.generator(batch["ref_images"], batch["ref_labels"], batch["labels"])
 
 
-def assert_finite_grads(module: nn.Module, what: str) -> None:
-    for name, param in module.named_parameters():
-        assert param.grad is not None, f"{what}.{name} got no gradient"
-        assert torch.isfinite(param.grad).all(), f"{what}.{name} has a non-finite gradient"
-
-
-def generator_grads(model: FewShotVid2Vid, nets: Nets, batch) -> dict[str, torch.Tensor]:
-    nets.generator.zero_grad(set_to_none=True)
-    loss, _ = model.generator_loss(nets, batch)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
-
-
 # ---------------------------------------------------------------------------- the trainer contract
 
 
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("fs_vid2vid", DATA, opt_level, dtype)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("fs_vid2vid", DATA, tmp_path)
+(test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly,
+ test_study_yaml_loads) = contract_tests("fs_vid2vid", DATA)
 
 
 # ---------------------------------------------------------------------------- model
 
 
 def test_registry_presets_and_eps_sites():
-    model = load_model("fs_vid2vid")
-    assert isinstance(model, FewShotVid2Vid) and model.name == "fs_vid2vid"
-    keys = set(FewShotVid2Vid.presets["tiny"])
-    assert all(set(p) == keys for p in FewShotVid2Vid.presets.values())
-    paper = FewShotVid2Vid.presets["paper"]
+    paper = check_registry_and_presets(FewShotVid2Vid)
     assert (paper["ngf"], paper["n_downsample"], paper["n_hyper"], paper["n_fc"]) == (32, 5, 4, 2)
     assert (paper["spade_ks"], paper["ref_ks"], paper["n_downsample_atn"]) == (1, 1, 2)
     assert (paper["flow_ngf"], paper["flow_downsample"], paper["flow_blocks"], paper["flow_multiplier"]) == (32, 3, 6, 20)
     assert (paper["ndf"], paper["n_layers_D"], paper["num_D"], paper["use_vgg"]) == (32, 4, 2, True)
     assert FewShotVid2Vid.eps_sites == {"adam": 1e-8, "label_encoder_norm": 1e-5, "instance_norm": 1e-5}
-    with pytest.raises(ValueError, match="no eps site"):
-        model.resolve_eps({"label_norm": 0.1})
-    with pytest.raises(ValueError, match="no option"):
-        FewShotVid2Vid(n_hyperz=1).arch("tiny")
 
 
 def test_eps_sites_reach_their_norms():
@@ -117,17 +88,7 @@ def test_shapes_and_finite_grads(batch):
     w0, b0 = weights[0][:2]
     assert w0.shape == (n * t, 2 * 16, 8, 1, 1) and b0.shape == (n * t, 2 * 16)
 
-    d_loss, d_logs = model.discriminator_loss(nets, batch)
-    assert torch.isfinite(d_loss) and set(d_logs) == {"d_real", "d_fake"}
-    d_loss.backward()
-    assert_finite_grads(nets.discriminator, "D")
-    assert all(p.grad is None for p in nets.generator.parameters()), "D loss must not backprop into G"
-
-    nets.discriminator.zero_grad(set_to_none=True)
-    g_loss, g_logs = model.generator_loss(nets, batch)
-    assert torch.isfinite(g_loss) and set(g_logs) == {"g_gan", "g_feat", "g_flow"}
-    g_loss.backward()
-    assert_finite_grads(nets.generator, "G")  # every parameter is used: DDP needs no find_unused
+    check_losses_and_grads(model, nets, batch, {"d_real", "d_fake"}, {"g_gan", "g_feat", "g_flow"})
 
     with torch.no_grad():
         fake, real = model.samples(nets, batch)
@@ -160,10 +121,7 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
     _, ckpt = build(seed=1, checkpointing=mode)
     assert ckpt.generator.checkpoint_blocks and not plain.generator.checkpoint_blocks
     assert ckpt.generator.flow.blocks.checkpointing
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch)
 
 
 def test_batch_conv_is_a_per_sample_conv():
@@ -356,13 +314,6 @@ def test_data_options_are_validated():
     assert len(model.dataset(DataConfig(val_samples=3), "val")) == 3
     with pytest.raises(ValueError, match="synthetic"):
         model.dataset(DataConfig(kind="folder", root="/tmp"), "train")
-
-
-def test_search_space_loads():
-    config = load_config("search_spaces/fs_vid2vid.yaml")
-    assert config.model.name == "fs_vid2vid"
-    assert 0.1 in config.search.eps["label_encoder_norm"] and 1e-5 in config.search.eps["label_encoder_norm"]
-    assert set(config.search.eps) <= set(FewShotVid2Vid.eps_sites)
 
 
 # ---------------------------------------------------------------------------- fp16 hazard

@@ -4,6 +4,7 @@ and the Gram matrix's 1/(c*h*w) factor)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from models.base import Nets, load_model
 from models.inpainting import (FP16_TINY, Inpainting, PartialConv2d, PConvUNet, gram_matrix, hole_tv_loss,
                                mask_ratio)
 from orchestrator.config import DataConfig, load_config
 from orchestrator.data.photos import (HOLE_BINS, TRAIN_PHOTOS, VAL_PHOTOS, PhotoInpaintingDataset, hole_ratio,
                                       irregular_mask)
 from orchestrator.settings import Setting, SpeedFlags
-from tests.model_contract import LEVELS, check_resume, check_trains, make_trainer
+from tests import model_contract
+from tests.model_contract import one_thread  # noqa: F401  (autouse fixture)
+from tests.model_contract import (assert_same_generator_grads, check_registry_and_presets, check_resume, contract_tests,
+                                  make_trainer)
 
 SIZE = 32
 # contract runs at 16x16 (tiny has 4 stride-2 layers, so sizes must be multiples of 16)
@@ -29,47 +32,22 @@ FIX = {"pconv_mask": 1e-6}  # the seeds' fp16 fix
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core CPU two OpenMP threads fighting other processes made
-    steps many times slower and timings meaningless."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def batch() -> dict[str, torch.Tensor]:
     data = Inpainting().dataset(DataConfig(height=SIZE, width=SIZE, train_samples=6), "train")
     return default_collate([data[2], data[5]])  # hole bins 20-30 % and 50-60 %
 
 
-def build(seed: int = 0, checkpointing: str = "none", eps=None, **options) -> tuple[Inpainting, Nets]:
-    model = Inpainting(**options)
-    torch.manual_seed(seed)
-    nets = model.build("tiny", model.resolve_eps(eps), SpeedFlags(checkpointing=checkpointing))
-    return model, nets
-
-
-def generator_grads(model: Inpainting, nets: Nets, batch) -> dict[str, torch.Tensor]:
-    nets.generator.zero_grad(set_to_none=True)
-    loss, _ = model.generator_loss(nets, batch)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
+build = partial(model_contract.build, Inpainting)
 
 
 # ---------------------------------------------------------------------------- (1) contract
 
 
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    # fp16 with the fp32 code's mask eps (1e-8) diverges by design: see the hazard tests below
-    check_trains("inpainting", DATA, opt_level, dtype, eps=FIX if dtype == "fp16" and opt_level != "O0" else None)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("inpainting", DATA, tmp_path)
+# fp16 with the fp32 code's mask eps (1e-8) diverges by design (see the hazard tests below): the
+# levels that compute in fp16 train with the fix
+(test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly,
+ test_study_yaml_loads) = contract_tests("inpainting", DATA, fp16_eps=FIX)
 
 
 def test_checkpoint_round_trip_resumes_exactly_in_fp16_o2(tmp_path):
@@ -96,20 +74,12 @@ def test_trainer_skips_the_discriminator_step():
 
 
 def test_registry_presets_and_eps_sites():
-    model = load_model("inpainting")
-    assert isinstance(model, Inpainting) and model.name == "inpainting"
-    keys = set(Inpainting.presets["tiny"])
-    assert all(set(p) == keys for p in Inpainting.presets.values())
-    paper = Inpainting.presets["paper"]
+    paper = check_registry_and_presets(Inpainting)
     assert (paper["ngf"], paper["max_channels"], paper["n_layers"], paper["norm"]) == (64, 512, 8, "batch")
     assert (paper["lambda_valid"], paper["lambda_hole"], paper["lambda_perceptual"], paper["lambda_style"],
             paper["lambda_tv"]) == (1.0, 6.0, 0.05, 120.0, 0.1)
     assert paper["use_vgg"] and paper["gram_split"] and paper["lr"] == 2e-4
     assert Inpainting.eps_sites == {"adam": 1e-8, "pconv_mask": 1e-8, "gram_divisor": 2.0**14}
-    with pytest.raises(ValueError, match="no option"):
-        Inpainting(n_layerz=3).arch("tiny")
-    with pytest.raises(ValueError, match="no eps site"):
-        model.resolve_eps({"instance_norm": 1e-3})
 
 
 def test_no_discriminator_and_paper_adam():
@@ -255,10 +225,7 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
     model, plain = build(seed=1)
     _, ckpt = build(seed=1, checkpointing=mode)
     assert ckpt.generator.checkpoint_blocks and not plain.generator.checkpoint_blocks
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch, atol=1e-7)
     # the recomputation must not update batch-norm running statistics a second time
     for (name, a), (_, b) in zip(plain.generator.named_buffers(), ckpt.generator.named_buffers()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)

@@ -25,6 +25,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.model_contract import study_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # One candidate (O1-bf16-b2) beside the fp32 reference, 16x16 images, 2 reference seeds, 1 trial.
@@ -160,13 +162,7 @@ def test_study_trains_ddp_across_two_nodes(three_node_cluster, mlflow_server, tm
     assert {nodes["node_a"].node_id, nodes["node_b"].node_id} & worker_nodes
 
     # MLflow, through the server: one parent run, one child per row
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("multinode")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("amp.kind") == "study"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == len(refs) + len(cands)
+    study_runs(MlflowClient(tracking_uri=uri), "multinode", len(refs) + len(cands))
     if "mlflow_pending" in table:
         assert not table["mlflow_pending"].fillna(0).astype(int).any()
     # artifacts went through the server onto its disk (the head's, on a real cluster)

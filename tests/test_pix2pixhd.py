@@ -1,19 +1,23 @@
 """pix2pixHD model, shared layers and losses: shapes, gradients, checkpointing, local enhancer, VGG."""
 from __future__ import annotations
 
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from models.base import Nets, load_model
+from models.base import Nets
 from models.layers import MultiscaleDiscriminator, instance_edges, maybe_checkpoint, norm_layer
 from models.losses import VGGLoss, _vgg19_features, feature_matching_loss, gan_loss
 from models.pix2pixhd import Pix2PixHD
 from orchestrator.config import DataConfig
 from orchestrator.data.street import StreetDataset
 from orchestrator.settings import SpeedFlags
+from tests import model_contract
+from tests.model_contract import (assert_finite_grads, assert_same_generator_grads, check_losses_and_grads,
+                                  check_registry_and_presets)
 
 SIZE = 32
 
@@ -24,42 +28,21 @@ def batch() -> dict[str, torch.Tensor]:
     return default_collate([data[0], data[1]])
 
 
-def build(seed: int = 0, checkpointing: str = "none", **options) -> tuple[Pix2PixHD, Nets]:
-    model = Pix2PixHD(**options)
-    torch.manual_seed(seed)
-    nets = model.build("tiny", model.resolve_eps(None), SpeedFlags(checkpointing=checkpointing))
-    return model, nets
-
-
-def assert_finite_grads(module: nn.Module, what: str) -> None:
-    for name, param in module.named_parameters():
-        assert param.grad is not None, f"{what}.{name} got no gradient"
-        assert torch.isfinite(param.grad).all(), f"{what}.{name} has a non-finite gradient"
-
-
-def generator_grads(model: Pix2PixHD, nets: Nets, batch) -> dict[str, torch.Tensor]:
-    nets.generator.zero_grad(set_to_none=True)
-    loss, _ = model.generator_loss(nets, batch)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
+build = partial(model_contract.build, Pix2PixHD)
 
 
 # ---------------------------------------------------------------------------- model
 
 
 def test_registry_and_presets():
-    model = load_model("pix2pixhd")
-    assert isinstance(model, Pix2PixHD) and model.name == "pix2pixhd"
+    paper = check_registry_and_presets(Pix2PixHD)
     keys = {"label_nc", "ngf", "n_downsample", "n_blocks", "n_local_enhancers", "ndf", "n_layers", "num_D",
             "lambda_feat", "use_vgg", "vgg_weights"}
     assert {name: set(p) for name, p in Pix2PixHD.presets.items()} == {n: keys for n in ("tiny", "small", "paper")}
-    paper = Pix2PixHD.presets["paper"]
     assert (paper["ngf"], paper["n_downsample"], paper["n_blocks"], paper["n_local_enhancers"]) == (64, 4, 9, 1)
     assert (paper["ndf"], paper["n_layers"], paper["num_D"], paper["label_nc"]) == (64, 3, 2, 35)
     assert paper["use_vgg"] and paper["lambda_feat"] == 10
     assert Pix2PixHD.eps_sites == {"instance_norm": 1e-5, "adam": 1e-8}
-    with pytest.raises(ValueError, match="no option"):
-        Pix2PixHD(n_blockz=3).arch("tiny")
 
 
 def test_shapes_and_eps_routing(batch):
@@ -86,18 +69,7 @@ def test_shapes_and_eps_routing(batch):
 
 def test_forward_backward_gives_finite_losses_and_grads(batch):
     model, nets = build()
-    d_loss, d_logs = model.discriminator_loss(nets, batch)
-    assert torch.isfinite(d_loss) and set(d_logs) == {"d_real", "d_fake"}
-    d_loss.backward()
-    assert_finite_grads(nets.discriminator, "D")
-    assert all(p.grad is None for p in nets.generator.parameters()), "D loss must not backprop into G"
-
-    g_loss, g_logs = model.generator_loss(nets, batch)
-    assert torch.isfinite(g_loss) and set(g_logs) == {"g_gan", "g_feat"}
-    # log values stay on the device (a float() would wait for it on a GPU)
-    assert all(torch.is_tensor(v) and not v.requires_grad for v in g_logs.values())
-    g_loss.backward()
-    assert_finite_grads(nets.generator, "G")
+    check_losses_and_grads(model, nets, batch, {"d_real", "d_fake"}, {"g_gan", "g_feat"})
 
 
 @pytest.mark.parametrize("mode", ["blocks", "all"])
@@ -106,10 +78,7 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
     _, ckpt = build(seed=1, checkpointing=mode)
     assert ckpt.generator.global_net.blocks.checkpointing
     assert not plain.generator.global_net.blocks.checkpointing
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch)
 
 
 def test_local_enhancer_runs_global_at_half_resolution(batch):

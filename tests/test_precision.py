@@ -46,6 +46,15 @@ def data(seed=1):
     return torch.randn(4, 3, 4, 4, generator=g), torch.randn(4, 2, generator=g)
 
 
+def one_net(level, dtype, optimizer: dict, **kwargs):
+    """(policy, net, its optimizer, x, y): ``make``'s one net, ``policy.make_optimizer`` with the
+    ``optimizer`` options, and ``data()``."""
+    policy, nets = make(level, dtype, **kwargs)
+    net = nets["net"]
+    opt = policy.make_optimizer("net", net.parameters(), **optimizer)
+    return (policy, net, opt, *data())
+
+
 def loss_of(policy, net, x, y):
     with policy.autocast():
         return F.mse_loss(net(x.to(policy.input_dtype)).float(), y)
@@ -173,10 +182,7 @@ def test_one_independent_scaler_per_loss(level, fused):
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_are_scaled_for_fp16_only(level, dtype):
-    policy, nets = make(level, dtype, init_scale=2.0**10)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype])
-    x, y = data()
+    policy, net, opt, x, y = one_net(level, dtype, dict(lr=1e-3, eps=EPS[dtype]), init_scale=2.0**10)
     seen = []
     net.fc.bias.register_hook(lambda g: seen.append(g.detach().float().clone()))
     loss = loss_of(policy, net, x, y)
@@ -194,10 +200,7 @@ def test_gradients_are_scaled_for_fp16_only(level, dtype):
 
 @pytest.mark.parametrize("level,dtype", ALL)
 def test_training_reduces_a_regression_loss(level, dtype):
-    policy, nets = make(level, dtype)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-2, eps=EPS[dtype])
-    x, y = data()
+    policy, net, opt, x, y = one_net(level, dtype, dict(lr=1e-2, eps=EPS[dtype]))
     losses = []
     for _ in range(12):
         loss = loss_of(policy, net, x, y)
@@ -210,10 +213,7 @@ def test_training_reduces_a_regression_loss(level, dtype):
 
 
 def test_o2_half_weights_are_rounded_masters_after_each_step():
-    policy, nets = make("O2", "fp16")
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-2, eps=1e-4)
-    x, y = data()
+    policy, net, opt, x, y = one_net("O2", "fp16", dict(lr=1e-2, eps=1e-4))
     for _ in range(3):
         policy.step("net", loss_of(policy, net, x, y), opt)
     assert policy.stats()["skipped_net"] < 3
@@ -242,10 +242,7 @@ def test_fused_request_falls_back_to_foreach_when_unsupported():
 @pytest.mark.parametrize("level,dtype", ALL)
 def test_persistent_nan_loss_diverges_after_patience_without_touching_weights(level, dtype):
     """The fused optimizer skips a non-finite update on the device, with or without a scaler."""
-    policy, nets = make(level, dtype, nonfinite_patience=3)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype], fused=True)
-    x, y = data()
+    policy, net, opt, x, y = one_net(level, dtype, dict(lr=1e-3, eps=EPS[dtype], fused=True), nonfinite_patience=3)
     before = snapshot(net)
     for _ in range(2):
         assert applied(policy, "net", loss_of(policy, net, x, y) * float("nan"), opt) is False
@@ -265,10 +262,8 @@ def test_persistent_nan_loss_diverges_after_patience_without_touching_weights(le
 def test_unscaled_nonfinite_update_without_device_skip_is_caught_by_the_weight_check(level, dtype):
     """Without loss scaling and without a fused optimizer nothing can skip on the device: the update
     is applied, and the weights' non-finite values are what the next check reports."""
-    policy, nets = make(level, dtype, nonfinite_patience=3, param_check_interval=1)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype])
-    x, y = data()
+    policy, net, opt, x, y = one_net(level, dtype, dict(lr=1e-3, eps=EPS[dtype]), nonfinite_patience=3,
+                                     param_check_interval=1)
     policy.step("net", loss_of(policy, net, x, y) * float("nan"), opt)
     with pytest.raises(Diverged, match="non-finite net weights after the update") as info:
         policy.check()
@@ -277,10 +272,7 @@ def test_unscaled_nonfinite_update_without_device_skip_is_caught_by_the_weight_c
 
 @pytest.mark.parametrize("level,dtype", ALL)
 def test_a_finite_step_resets_the_nonfinite_streak(level, dtype):
-    policy, nets = make(level, dtype, nonfinite_patience=2)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=EPS[dtype], fused=True)
-    x, y = data()
+    policy, net, opt, x, y = one_net(level, dtype, dict(lr=1e-3, eps=EPS[dtype], fused=True), nonfinite_patience=2)
     for _ in range(3):
         policy.step("net", loss_of(policy, net, x, y) * float("nan"), opt)  # 1 bad step
         policy.step("net", loss_of(policy, net, x, y), opt)  # then a good one: never 2 in a row
@@ -289,11 +281,9 @@ def test_a_finite_step_resets_the_nonfinite_streak(level, dtype):
 
 
 def test_loss_scale_collapse_diverges():
-    policy, nets = make("O1", "fp16", init_scale=2.0**-6, min_scale=2.0**-8, nonfinite_patience=100)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3)
+    policy, net, opt, x, y = one_net("O1", "fp16", dict(lr=1e-3), init_scale=2.0**-6, min_scale=2.0**-8,
+                                     nonfinite_patience=100)
     inject_inf(net)
-    x, y = data()
     assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False  # 2**-7
     assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False  # 2**-8: not below yet
     policy.check()
@@ -305,10 +295,7 @@ def test_loss_scale_collapse_diverges():
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 def test_single_transient_fp16_overflow_does_not_diverge(level):
-    policy, nets = make(level, "fp16", nonfinite_patience=1, init_scale=2.0**8)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, eps=1e-4)
-    x, y = data()
+    policy, net, opt, x, y = one_net(level, "fp16", dict(lr=1e-3, eps=1e-4), nonfinite_patience=1, init_scale=2.0**8)
     handle = inject_inf(net)
     assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False
     handle.remove()
@@ -321,10 +308,7 @@ def test_single_transient_fp16_overflow_does_not_diverge(level):
 @pytest.mark.parametrize("level,dtype", [("O0", "fp16"), ("O1", "bf16"), ("O2", "bf16"), ("O3", "bf16")])
 def test_unscaled_nonfinite_gradients_are_skipped_then_diverge(level, dtype):
     """With a fused optimizer the skip happens on the device, also without loss scaling."""
-    policy, nets = make(level, dtype, nonfinite_patience=2)
-    net = nets["net"]
-    opt = policy.make_optimizer("net", net.parameters(), lr=1e-3, fused=True)
-    x, y = data()
+    policy, net, opt, x, y = one_net(level, dtype, dict(lr=1e-3, fused=True), nonfinite_patience=2)
     before = snapshot(net)
     handle = inject_inf(net)
     assert applied(policy, "net", loss_of(policy, net, x, y), opt) is False  # transient: skipped only

@@ -2,6 +2,7 @@
 hazard (a naive half-precision power iteration vs ours)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,28 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from models.base import Nets, load_model
+from models.base import Nets
 from models.spade import (SPADE, ParamFreeBatchNorm, SNConv2d, SNMultiscaleDiscriminator, SPADEGenerator,
                           SPADENorm, begin_pass, kld_loss, power_iteration, safe_unit)
 from orchestrator.config import DataConfig, load_config
 from orchestrator.data.street import StreetDataset
 from orchestrator.settings import Setting, SpeedFlags
-from tests.model_contract import LEVELS, check_resume, check_trains
+from tests import model_contract
+from tests.model_contract import one_thread  # noqa: F401  (autouse fixture)
+from tests.model_contract import (assert_finite_grads, assert_same_generator_grads, check_losses_and_grads,
+                                  check_registry_and_presets, check_resume, check_trains, contract_tests)
 
 SIZE = 32
 # contract runs at 16x16 (tiny needs a multiple of 8): fp16 on this CPU is ~10-75x slower than fp32
 DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: on a shared 2-core CPU, two OpenMP threads competing
-    with other processes made steps up to 10x slower and the timings meaningless."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -40,41 +34,18 @@ def batch() -> dict[str, torch.Tensor]:
     return default_collate([data[0], data[1]])
 
 
-def build(seed: int = 0, checkpointing: str = "none", eps=None, **options) -> tuple[SPADE, Nets]:
-    model = SPADE(**options)
-    torch.manual_seed(seed)
-    nets = model.build("tiny", model.resolve_eps(eps), SpeedFlags(checkpointing=checkpointing))
-    return model, nets
-
-
-def assert_finite_grads(module: nn.Module, what: str) -> None:
-    for name, param in module.named_parameters():
-        assert param.grad is not None, f"{what}.{name} got no gradient"
-        assert torch.isfinite(param.grad).all(), f"{what}.{name} has a non-finite gradient"
-
-
-def generator_grads(model: SPADE, nets: Nets, batch) -> dict[str, torch.Tensor]:
-    nets.generator.zero_grad(set_to_none=True)
-    torch.manual_seed(5)  # the VAE's reparameterisation noise
-    loss, _ = model.generator_loss(nets, batch)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
+build = partial(model_contract.build, SPADE)
 
 
 # ---------------------------------------------------------------------------- (1) contract
 
 
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("spade", DATA, opt_level, dtype)
+(test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly,
+ test_study_yaml_loads) = contract_tests("spade", DATA)
 
 
 def test_vae_trains_in_fp16_o2():
     check_trains("spade", DATA, "O2", "fp16", steps=2, use_vae=True)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("spade", DATA, tmp_path)
 
 
 def test_checkpoint_round_trip_resumes_exactly_with_vae_and_batch_norm(tmp_path):
@@ -87,19 +58,13 @@ def test_checkpoint_round_trip_resumes_exactly_with_vae_and_batch_norm(tmp_path)
 
 
 def test_registry_presets_and_eps_sites():
-    model = load_model("spade")
-    assert isinstance(model, SPADE) and model.name == "spade"
-    keys = set(SPADE.presets["tiny"])
-    assert all(set(p) == keys for p in SPADE.presets.values())
-    paper = SPADE.presets["paper"]
+    paper = check_registry_and_presets(SPADE)
     assert (paper["ngf"], paper["n_up_blocks"], paper["hidden"]) == (64, 4, 128)
     assert paper["num_upsampling_layers"] == "normal"
     assert (paper["ndf"], paper["n_layers_D"], paper["num_D"], paper["z_dim"]) == (64, 4, 2, 256)
     assert (paper["lambda_feat"], paper["lambda_vgg"], paper["lambda_kld"]) == (10.0, 10.0, 0.05)
     assert paper["use_vgg"] and paper["param_free_norm"] == "batch"
     assert SPADE.eps_sites == {"adam": 1e-8, "instance_norm": 1e-5, "spectral_norm": 1e-12}
-    with pytest.raises(ValueError, match="no option"):
-        SPADE(n_blockz=3).arch("tiny")
 
 
 def test_ttur_param_groups():
@@ -145,17 +110,7 @@ def test_shapes_and_finite_gradients(batch):
     assert len(outs) == 2 and all(len(o) == 3 + 1 for o in outs)  # n_layers_D + 1 outputs per scale
     assert outs[0][-1].shape[1] == 1 and outs[1][-1].shape[-1] < outs[0][-1].shape[-1]
 
-    d_loss, d_logs = model.discriminator_loss(nets, batch)
-    assert torch.isfinite(d_loss) and set(d_logs) == {"d_real", "d_fake"}
-    d_loss.backward()
-    assert_finite_grads(nets.discriminator, "D")
-    assert all(p.grad is None for p in nets.generator.parameters()), "D loss must not backprop into G"
-
-    nets.discriminator.zero_grad(set_to_none=True)
-    g_loss, g_logs = model.generator_loss(nets, batch)
-    assert torch.isfinite(g_loss) and set(g_logs) == {"g_gan", "g_feat"}
-    g_loss.backward()
-    assert_finite_grads(nets.generator, "G")
+    check_losses_and_grads(model, nets, batch, {"d_real", "d_fake"}, {"g_gan", "g_feat"})
     with torch.no_grad():
         fake, real = model.samples(nets, batch)
     assert fake.shape == real.shape == (2, 3, SIZE, SIZE)
@@ -217,18 +172,13 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
     model, plain = build(seed=1, use_vae=True)
     _, ckpt = build(seed=1, checkpointing=mode, use_vae=True)
     assert ckpt.generator.checkpoint_blocks and not plain.generator.checkpoint_blocks
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch)
 
 
 def test_checkpointing_with_batch_norm_updates_running_stats_and_u_once(batch):
     model, plain = build(seed=2, param_free_norm="batch")
     _, ckpt = build(seed=2, checkpointing="blocks", param_free_norm="batch")
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch)
     plain_bufs, ckpt_bufs = dict(plain.generator.named_buffers()), dict(ckpt.generator.named_buffers())
     assert any(k.endswith("running_mean") for k in plain_bufs) and any(k.endswith("weight_u") for k in plain_bufs)
     for name, value in plain_bufs.items():  # the recompute during backward must not count again

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.model_contract import study_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,19 +43,14 @@ def test_tiny_study_end_to_end(tiny_study):
 
     # MLflow: one parent run, one nested child per row, with params and metrics
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("e2e")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("amp.kind") == "study"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == len(refs) + len(cands)
+    runs, parent, children = study_runs(client, "e2e", len(refs) + len(cands))
     o1 = next(r for r in children if r.info.run_name == "O1-bf16-b2")
     assert o1.data.params["opt_level"] == "O1" and o1.data.params["dtype"] == "bf16"
     assert "speedup" in o1.data.metrics and "peak_memory_mib" in o1.data.metrics
-    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert {"pix2pixhd.yaml", "report.md", "results.parquet"} <= set(artifacts)
-    assert any(a.path.startswith("figures") for a in client.list_artifacts(parents[0].info.run_id))
-    figures = [a.path for a in client.list_artifacts(parents[0].info.run_id, "figures")]
+    assert any(a.path.startswith("figures") for a in client.list_artifacts(parent.info.run_id))
+    figures = [a.path for a in client.list_artifacts(parent.info.run_id, "figures")]
     assert "figures/quality_samples.png" in figures and "figures/pareto.png" in figures
     trained_run = client.get_run(trained["mlflow_run_id"].iloc[0])
     assert "samples.png" in [a.path for a in client.list_artifacts(trained_run.info.run_id)]
@@ -100,5 +97,5 @@ def test_tiny_study_end_to_end(tiny_study):
                             "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "stage 1: profiling" not in again.stdout and "references: training" not in again.stdout
-    runs_after = client.search_runs([experiment.experiment_id], max_results=100)
+    runs_after, _, _ = study_runs(client, "e2e", len(refs) + len(cands))
     assert len(runs_after) == len(runs)

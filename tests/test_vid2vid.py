@@ -2,6 +2,7 @@
 warp hazard (grid coordinates in half precision lose sub-pixel flow; the warp is kept in fp32)."""
 from __future__ import annotations
 
+from functools import partial
 
 import numpy as np
 import pytest
@@ -9,15 +10,18 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from models.base import Nets, load_model
+from models.base import Nets
 from models.vid2vid import (CompositeGenerator, Vid2Vid, Vid2VidDiscriminator, required_frames, warp,
                             warp_in_input_dtype)
 from models import fusion
-from orchestrator.config import DataConfig, load_config
+from orchestrator.config import DataConfig
 from orchestrator.data.street import CLASSES
 from orchestrator.data.videos import VideoDataset, VideoScene, clip_to_batch, make_video
 from orchestrator.settings import SpeedFlags
-from tests.model_contract import LEVELS, check_resume, check_trains
+from tests import model_contract
+from tests.model_contract import one_thread  # noqa: F401  (autouse fixture)
+from tests.model_contract import (assert_same_generator_grads, check_losses_and_grads, check_registry_and_presets,
+                                  contract_tests, generator_grads)
 
 SIZE = 32
 FRAMES = 4
@@ -26,76 +30,31 @@ DATA = DataConfig(height=SIZE, width=SIZE, train_samples=8, val_samples=4, optio
 CONTRACT_DATA = DATA.model_copy(update={"height": 16, "width": 16})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: the 2 cores are shared with other test processes, and
-    under oversubscription OpenMP barriers made 2-thread steps swing from 0.1 s to 5 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def batch() -> dict[str, torch.Tensor]:
     data = VideoDataset(DATA, "train")
     return default_collate([data[0], data[1]])
 
 
-def build(seed: int = 0, checkpointing: str = "none", **options) -> tuple[Vid2Vid, Nets]:
-    model = Vid2Vid(**options)
-    torch.manual_seed(seed)
-    nets = model.build("tiny", model.resolve_eps(None), SpeedFlags(checkpointing=checkpointing))
-    return model, nets
-
-
-def assert_finite_grads(module: nn.Module, what: str) -> None:
-    for name, param in module.named_parameters():
-        assert param.grad is not None, f"{what}.{name} got no gradient"
-        assert torch.isfinite(param.grad).all(), f"{what}.{name} has a non-finite gradient"
-
-
-def generator_grads(model: Vid2Vid, nets: Nets, batch) -> dict[str, torch.Tensor]:
-    nets.generator.zero_grad(set_to_none=True)
-    loss, _ = model.generator_loss(nets, batch)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
+build = partial(model_contract.build, Vid2Vid)
 
 
 # ---------------------------------------------------------------------------- the contract
 
 
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("vid2vid", CONTRACT_DATA, opt_level, dtype)
-
-
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("vid2vid", CONTRACT_DATA, tmp_path)
-
-
-def test_study_yaml_loads():
-    config = load_config("search_spaces/vid2vid.yaml")
-    assert config.model.name == "vid2vid"
-    assert set(config.search.eps) <= set(Vid2Vid.eps_sites)
-    assert 1e-5 in config.search.eps["instance_norm"]  # the seed's default is a candidate
+(test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly,
+ test_study_yaml_loads) = contract_tests("vid2vid", CONTRACT_DATA)
 
 
 # ---------------------------------------------------------------------------- model
 
 
 def test_registry_presets_and_eps_sites():
-    model = load_model("vid2vid")
-    assert isinstance(model, Vid2Vid) and model.name == "vid2vid"
-    keys = set(Vid2Vid.presets["tiny"])
-    assert all(set(p) == keys for p in Vid2Vid.presets.values()) and set(Vid2Vid.presets) == {"tiny", "small", "paper"}
-    paper = Vid2Vid.presets["paper"]
+    paper = check_registry_and_presets(Vid2Vid)
     assert (paper["ngf"], paper["n_downsample"], paper["n_blocks"], paper["n_frames_G"]) == (128, 3, 9, 3)
     assert (paper["ndf"], paper["n_layers"], paper["num_D"], paper["n_frames_D"], paper["n_scales_temporal"]) == (64, 3, 2, 3, 2)
     assert paper["use_vgg"] and paper["lambda_T"] == paper["lambda_F"] == paper["lambda_feat"] == 10
     assert Vid2Vid.eps_sites == {"adam": 1e-8, "instance_norm": 1e-5}
-    with pytest.raises(ValueError, match="no option"):
-        Vid2Vid(n_blockz=3).arch("tiny")
 
 
 def test_shapes_eps_routing_and_samples(batch):
@@ -121,19 +80,9 @@ def test_shapes_eps_routing_and_samples(batch):
 
 def test_forward_backward_gives_finite_losses_and_grads(batch):
     model, nets = build()
-    d_loss, d_logs = model.discriminator_loss(nets, batch)
-    assert torch.isfinite(d_loss) and set(d_logs) == {"d_real", "d_fake", "d_t_real", "d_t_fake"}
-    d_loss.backward()
-    assert_finite_grads(nets.discriminator, "D")  # image D and every temporal scale
-    assert all(p.grad is None for p in nets.generator.parameters()), "D loss must not backprop into G"
-
-    nets.discriminator.zero_grad(set_to_none=True)
-    g_loss, g_logs = model.generator_loss(nets, batch)
-    assert torch.isfinite(g_loss)
-    assert set(g_logs) == {"g_gan", "g_feat", "g_t_gan", "g_t_feat", "g_flow", "g_flow_warp", "g_warp", "g_mask"}
-    assert all(torch.is_tensor(v) and not v.requires_grad and torch.isfinite(v) for v in g_logs.values())
-    g_loss.backward()
-    assert_finite_grads(nets.generator, "G")
+    # every D parameter: the image D and every temporal scale
+    check_losses_and_grads(model, nets, batch, {"d_real", "d_fake", "d_t_real", "d_t_fake"},
+                           {"g_gan", "g_feat", "g_t_gan", "g_t_feat", "g_flow", "g_flow_warp", "g_warp", "g_mask"})
 
 
 @pytest.mark.parametrize("mode", ["blocks", "all"])
@@ -143,17 +92,12 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
     stacks = [ckpt.generator.label_encoder[1], ckpt.generator.image_blocks, ckpt.generator.flow_blocks]
     assert all(s.checkpointing for s in stacks) and not plain.generator.flow_blocks.checkpointing
     assert ckpt.generator.image_up.checkpoint == (mode == "all")
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch)
 
 
 def test_fusion_flag_fuses_the_blend_and_losses_without_changing_them(batch):
     model, plain = build(seed=2)
-    fused_model = Vid2Vid()
-    torch.manual_seed(2)
-    fused_nets = fused_model.build("tiny", fused_model.resolve_eps(None), SpeedFlags(fusion="jit"))
+    fused_model, fused_nets = build(seed=2, fusion="jit")
     assert fused_model.fusion == "jit" and fused_nets.generator.fusion == "jit"
     expected, got = generator_grads(model, plain, batch), generator_grads(fused_model, fused_nets, batch)
     for name in expected:  # same maths, reassociated (biases before instance norm: zero up to noise)

@@ -4,6 +4,7 @@ disabled inside the test, where it must fail, and with the fix, where it must no
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,12 +16,15 @@ from models.base import Nets, load_model
 from models.vid2vid import warp
 from models.wc_vid2vid import (NEAR, MultiSPADE, WCVid2Vid, WorldConsistentGenerator, geometric_flow, render_guidance,
                                reproject, rigid_inverse, splat_correspondence, valid_mean_l1)
-from orchestrator.config import DataConfig, load_config
+from orchestrator.config import DataConfig
 from orchestrator.data.street import CLASSES
 from orchestrator.data.world import WorldDataset, WorldScene, clip_to_batch, make_world_clip
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.trainer import Trainer
-from tests.model_contract import LEVELS, check_resume, check_trains, intra_op_threads
+from tests import model_contract
+from tests.model_contract import one_thread  # noqa: F401  (autouse fixture)
+from tests.model_contract import (assert_same_generator_grads, check_losses_and_grads, check_registry_and_presets,
+                                  check_search_space, contract_tests, generator_grads)
 
 SIZE = 32
 FRAMES = 3
@@ -30,31 +34,13 @@ CONTRACT_DATA = DATA.model_copy(update={"height": 16, "width": 16})
 TOLERANCE = WCVid2Vid.presets["tiny"]["depth_tolerance"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with intra_op_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def batch() -> dict[str, torch.Tensor]:
     data = WorldDataset(DATA, "train")
     return default_collate([data[0], data[1]])
 
 
-def build(seed: int = 0, checkpointing: str = "none", fusion: str = "none", **options) -> tuple[WCVid2Vid, Nets]:
-    model = WCVid2Vid(**options)
-    torch.manual_seed(seed)
-    nets = model.build("tiny", model.resolve_eps(None), SpeedFlags(checkpointing=checkpointing, fusion=fusion))
-    return model, nets
-
-
-def generator_grads(model: WCVid2Vid, nets: Nets, batch) -> dict[str, torch.Tensor]:
-    nets.generator.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    loss, _ = model.generator_loss(nets, batch)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
+build = partial(model_contract.build, WCVid2Vid)
 
 
 def geometry_of(batch: dict[str, torch.Tensor], frames: list[int]):
@@ -65,37 +51,24 @@ def geometry_of(batch: dict[str, torch.Tensor], frames: list[int]):
 # ---------------------------------------------------------------------------- the contract
 
 
-@pytest.mark.parametrize("opt_level,dtype", LEVELS)
-def test_trains_under_each_level(opt_level, dtype):
-    check_trains("wc_vid2vid", CONTRACT_DATA, opt_level, dtype)
+(test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly,
+ test_study_yaml_loads) = contract_tests("wc_vid2vid", CONTRACT_DATA)
 
 
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    check_resume("wc_vid2vid", CONTRACT_DATA, tmp_path)
-
-
-def test_study_yaml_loads():
-    config = load_config("search_spaces/wc_vid2vid.yaml")
-    assert config.model.name == "wc_vid2vid"
-    assert set(config.search.eps) <= set(WCVid2Vid.eps_sites)
+def test_study_yaml_starts_at_the_default_with_enough_frames():
+    config = check_search_space("wc_vid2vid")
     assert config.search.eps["instance_norm"][0] == WCVid2Vid.eps_sites["instance_norm"]  # the seed's default
     assert config.data.options["frames"] >= load_model("wc_vid2vid").presets["tiny"]["n_frames_D"]
 
 
 def test_registry_presets_and_eps_sites():
-    model = load_model("wc_vid2vid")
-    assert isinstance(model, WCVid2Vid) and model.name == "wc_vid2vid"
-    keys = set(WCVid2Vid.presets["tiny"])
-    assert set(WCVid2Vid.presets) == {"tiny", "small", "paper"} and all(set(p) == keys for p in WCVid2Vid.presets.values())
-    paper = WCVid2Vid.presets["paper"]
+    paper = check_registry_and_presets(WCVid2Vid)
     assert (paper["ngf"], paper["n_downsample"], paper["n_multi_spade"], paper["spade_hidden"]) == (32, 5, 3, 128)
     assert (paper["flow_ngf"], paper["flow_downsample"], paper["flow_blocks"], paper["flow_multiplier"]) == (32, 5, 6, 40)
     assert (paper["ndf"], paper["n_layers_D"], paper["num_D"], paper["n_frames_D"]) == (64, 3, 2, 3)
     assert paper["lambda_guidance"] == 20 and paper["lambda_flow"] == paper["lambda_feat"] == paper["lambda_vgg"] == 10
     assert WCVid2Vid.eps_sites == {"adam": 1e-8, "instance_norm": 1e-5, "spectral_norm": 1e-12}
     assert {"depth", "intrinsics", "extrinsics"} <= set(WCVid2Vid.fp32_batch_keys)
-    with pytest.raises(ValueError, match="no option"):
-        WCVid2Vid(n_blockz=3).arch("tiny")
 
 
 def test_shapes_eps_routing_and_samples(batch):
@@ -123,22 +96,11 @@ def test_shapes_eps_routing_and_samples(batch):
 
 def test_forward_backward_gives_finite_losses_and_grads(batch):
     model, nets = build()
-    d_loss, d_logs = model.discriminator_loss(nets, batch)
-    assert torch.isfinite(d_loss) and set(d_logs) == {"d_real", "d_fake", "d_t_real", "d_t_fake"}
-    d_loss.backward()
-    for name, param in nets.discriminator.named_parameters():  # image D and the temporal one
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
-    assert all(p.grad is None for p in nets.generator.parameters()), "D loss must not backprop into G"
-
-    g_loss, g_logs = model.generator_loss(nets, batch)
-    assert torch.isfinite(g_loss)
-    assert set(g_logs) == {"g_gan", "g_feat", "g_t_gan", "g_t_feat", "g_flow", "g_flow_warp", "g_occlusion",
-                           "g_guidance"}
-    assert all(torch.is_tensor(v) and not v.requires_grad and torch.isfinite(v) for v in g_logs.values())
+    # every parameter of the image D and the temporal one; of G every part: embeddings, flow net, all modulations
+    g_logs = check_losses_and_grads(model, nets, batch, {"d_real", "d_fake", "d_t_real", "d_t_fake"},
+                                    {"g_gan", "g_feat", "g_t_gan", "g_t_feat", "g_flow", "g_flow_warp", "g_occlusion",
+                                     "g_guidance"})
     assert g_logs["g_guidance"] > 0
-    g_loss.backward()
-    for name, param in nets.generator.named_parameters():  # every part: embeddings, flow net, all modulations
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
 
 
@@ -177,10 +139,7 @@ def test_checkpointing_gives_same_generator_grads(batch, mode):
     _, ckpt = build(seed=1, checkpointing=mode)
     assert ckpt.generator.checkpoint_blocks and not plain.generator.checkpoint_blocks
     assert ckpt.generator.label_embedding.checkpoint_stages == (mode == "all")
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch, rtol=1e-4)
 
 
 def test_fusion_flag_fuses_the_losses_without_changing_them(batch):

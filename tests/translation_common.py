@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,47 +12,21 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from models.base import GANModel, Nets
+from models.base import GANModel
 from models.spade import SNConv2d
 from models.translation import AdaIN, count_parameters
-from orchestrator.config import DataConfig, StudyConfig, load_config
+from orchestrator.config import DataConfig, StudyConfig
 from orchestrator.precision import PrecisionPolicy
-from orchestrator.settings import SpeedFlags
-from tests.model_contract import LEVELS, check_resume, check_trains
-
-# the contract runs at 16x16: fp16 on a CPU is emulated, ~10-75x slower than fp32
-CONTRACT_DATA = DataConfig(height=16, width=16, train_samples=8, val_samples=4)
+from tests import model_contract
+from tests.model_contract import one_thread  # noqa: F401  (autouse fixture, imported from here by the test modules)
+from tests.model_contract import assert_same_generator_grads, build, check_losses_and_grads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread per test module (import it to use it): on a shared 2-core CPU two
-    OpenMP threads competing with other processes make steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def contract_tests(model_name: str, data: DataConfig = CONTRACT_DATA):
-    """The trainer contract of ``tests/model_contract.py`` as two test functions for a model's test
-    module: every opt level trains, and a checkpoint round trip resumes exactly."""
-
-    @pytest.mark.parametrize("opt_level,dtype", LEVELS)
-    def test_trains_under_each_level(opt_level, dtype):
-        check_trains(model_name, data, opt_level, dtype)
-
-    def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
-        check_resume(model_name, data, tmp_path)
-
-    return test_trains_under_each_level, test_checkpoint_round_trip_resumes_exactly
-
-
-def build(cls: type[GANModel], preset: str = "tiny", seed: int = 0, eps: dict | None = None,
-          checkpointing: str = "none", **options: Any) -> tuple[GANModel, Nets]:
-    model = cls(**options)
-    torch.manual_seed(seed)
-    return model, model.build(preset, model.resolve_eps(eps), SpeedFlags(checkpointing=checkpointing))
+def contract_tests(model_name: str, data: DataConfig = model_contract.CONTRACT_DATA):
+    """The trainer half of ``model_contract.contract_tests`` (every opt level trains, a checkpoint
+    round trip resumes exactly): the search space is checked, with its metric, by
+    ``check_search_space``."""
+    return model_contract.contract_tests(model_name, data)[:2]
 
 
 def batch_of(model: GANModel, size: int, split: str = "train", n: int = 2, **data: Any) -> dict[str, torch.Tensor]:
@@ -73,55 +46,18 @@ def batch_fixture(cls: type[GANModel], size: int = 32, split: str = "train", **d
 
 
 def check_search_space(cls: type[GANModel], metric: str) -> StudyConfig:
-    """``search_spaces/<name>.yaml`` loads, names the model, searches only its eps sites (each
-    with its default among the values), decides by ``metric``, and stays a tiny grid (a few
-    minutes of profiling on 2 cores)."""
-    config = load_config(f"search_spaces/{cls.name}.yaml")
-    assert config.model.name == cls.name and config.quality.metric == metric
-    assert set(config.search.eps) <= set(cls.eps_sites)
-    assert all(cls.eps_sites[site] in values for site, values in config.search.eps.items())
+    """``model_contract.check_search_space`` with ``metric``, and a tiny grid (a few minutes of
+    profiling on 2 cores)."""
+    config = model_contract.check_search_space(cls.name, metric)
     assert len(config.search.candidates()) <= 24
     return config
-
-
-def assert_finite_grads(module: nn.Module, what: str) -> None:
-    for name, param in module.named_parameters():
-        assert param.grad is not None, f"{what}.{name} got no gradient"
-        assert torch.isfinite(param.grad).all(), f"{what}.{name} has a non-finite gradient"
-
-
-def check_losses_and_grads(model: GANModel, nets: Nets, batch: dict, d_logs: set[str], g_logs: set[str]) -> None:
-    """The D loss reaches every D parameter and no G parameter; the G loss reaches every G
-    parameter (DDP needs no ``find_unused_parameters``); both finite, with the named logs."""
-    d_loss, logs = model.discriminator_loss(nets, batch)
-    assert torch.isfinite(d_loss) and set(logs) == d_logs
-    assert all(not v.requires_grad for v in logs.values()), "logs must be detached tensors"
-    d_loss.backward()
-    assert_finite_grads(nets.discriminator, "D")
-    assert all(p.grad is None for p in nets.generator.parameters()), "the D loss must not reach G"
-    nets.discriminator.zero_grad(set_to_none=True)
-    g_loss, logs = model.generator_loss(nets, batch)
-    assert torch.isfinite(g_loss) and set(logs) == g_logs
-    g_loss.backward()
-    assert_finite_grads(nets.generator, "G")
-
-
-def generator_grads(model: GANModel, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
-    nets.generator.zero_grad(set_to_none=True)
-    torch.manual_seed(5)  # the models' own noise (latent noise, random styles)
-    loss, _ = model.generator_loss(nets, batch)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in nets.generator.named_parameters()}
 
 
 def check_checkpointing(cls: type[GANModel], batch: dict, mode: str) -> None:
     """Gradient checkpointing changes no generator gradient."""
     model, plain = build(cls, seed=1)
     _, ckpt = build(cls, seed=1, checkpointing=mode)
-    expected, got = generator_grads(model, plain, batch), generator_grads(model, ckpt, batch)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_generator_grads(model, plain, ckpt, batch)
 
 
 def paper_counts(cls: type[GANModel]) -> tuple[int, int]:

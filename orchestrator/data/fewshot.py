@@ -36,16 +36,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
-from orchestrator.data.street import CLASSES, LABEL_NC
+from orchestrator.data.seeded import SPLIT_STREAM
+from orchestrator.data.street import LABEL_NC, LabelMapDataset
 from orchestrator.data.videos import VideoScene, one_hot
 
 DEFAULT_SHOTS = 2
 DEFAULT_FRAMES = 2
 DEFAULT_REF_WINDOW = 24
-_SPLIT_STREAM = {"train": 0, "val": 1}
 _STYLE_TAG = 0xF5  # keeps this module's draws apart from any stream videos.py derives from the same key
 
 __all__ = ["DEFAULT_SHOTS", "DEFAULT_FRAMES", "FewShotDataset", "SequenceStyle", "few_shot_options"]
@@ -96,28 +95,20 @@ def few_shot_options(options: dict[str, Any]) -> tuple[int, int, int, bool]:
     return shots, frames, window, restyle
 
 
-class FewShotDataset(Dataset):
+class FewShotDataset(LabelMapDataset):
     """``train`` holds ``data_cfg.train_samples`` sequences, ``val`` ``data_cfg.val_samples`` from
     another seed stream; see the module docstring for an item's contents."""
 
-    def __init__(self, data_cfg: DataConfig, split: str = "train", label_nc: int = LABEL_NC):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
-        if label_nc <= max(CLASSES.values()):
-            raise ValueError(f"label_nc {label_nc} is too small for the video data: class ids go up to "
-                             f"{max(CLASSES.values())} (Cityscapes ids), so label_nc must be > {max(CLASSES.values())}")
-        self.shots, self.frames, self.ref_window, self.restyle = few_shot_options(data_cfg.options)
-        self.split, self.label_nc = split, label_nc
-        self.seed, self.height, self.width = data_cfg.seed, data_cfg.height, data_cfg.width
-        self.length = data_cfg.train_samples if split == "train" else data_cfg.val_samples
+    data_kind, items = "video", "sequences"
 
-    def __len__(self) -> int:
-        return self.length
+    def __init__(self, data_cfg: DataConfig, split: str = "train", label_nc: int = LABEL_NC):
+        super().__init__(data_cfg, split, label_nc)
+        self.shots, self.frames, self.ref_window, self.restyle = few_shot_options(data_cfg.options)
 
     def _streams(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
         """(style, example times) generators of one sequence: independent streams, so changing
         ``shots`` or ``ref_window`` never changes a sequence's colours."""
-        key = [abs(int(self.seed)), int(self.seed < 0), _SPLIT_STREAM[self.split], int(index), _STYLE_TAG]
+        key = [abs(int(self.seed)), int(self.seed < 0), SPLIT_STREAM[self.split], int(index), _STYLE_TAG]
         style, times = np.random.SeedSequence(key).spawn(2)
         return np.random.default_rng(style), np.random.default_rng(times)
 
@@ -130,8 +121,7 @@ class FewShotDataset(Dataset):
         return SequenceStyle(self._streams(index)[0])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} {self.split} sequences")
+        self.check_index(index)
         scene = VideoScene(self.seed, index, self.split)
         clip = scene.render(self.frames, self.height, self.width)
         refs = [scene.render(1, self.height, self.width, start=t) for t in self.reference_times(index)]

@@ -36,16 +36,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
+from orchestrator.data.seeded import SPLIT_STREAM, SeededDataset
 
 DEFAULT_CLASSES = 32
 DEFAULT_HELD_OUT = 8
 DEFAULT_SHOTS = 2
 SHAPES = ("ellipse", "rounded", "diamond", "blob")
 PATTERNS = ("stripes", "spots", "checks", "rings", "plain")
-_SPLIT_STREAM = {"train": 0, "val": 1}
 _CLASS_TAG = 0xC1A55
 _ITEM_TAG = 0x17E4
 
@@ -193,21 +192,14 @@ def _tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(rgb, -1, -3))) * 2 - 1
 
 
-class ObjectClassDataset(Dataset):
+class ObjectClassDataset(SeededDataset):
     """``train`` holds ``data_cfg.train_samples`` items, ``val`` ``val_samples``; see the module
     docstring for what an item holds."""
 
     def __init__(self, data_cfg: DataConfig, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
+        super().__init__(data_cfg, split)
         self.classes, self.held_out, self.shots = object_options(data_cfg.options)
-        self.split, self.seed = split, int(data_cfg.seed)
-        self.height, self.width = data_cfg.height, data_cfg.width
-        self.length = data_cfg.train_samples if split == "train" else data_cfg.val_samples
         self._kinds: dict[int, ObjectClass] = {}
-
-    def __len__(self) -> int:
-        return self.length
 
     def kind(self, class_id: int) -> ObjectClass:
         if class_id not in self._kinds:
@@ -225,12 +217,11 @@ class ObjectClassDataset(Dataset):
         return content, self.classes + int(rng.integers(self.held_out))
 
     def _rng(self, index: int) -> np.random.Generator:
-        key = [abs(self.seed), int(self.seed < 0), _SPLIT_STREAM[self.split], int(index), _ITEM_TAG]
+        key = [abs(self.seed), int(self.seed < 0), SPLIT_STREAM[self.split], int(index), _ITEM_TAG]
         return np.random.default_rng(np.random.SeedSequence(key))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} {self.split} samples")
+        self.check_index(index)
         rng = self._rng(index)
         content_class, example_class = self._draw_classes(rng)
         pose = Pose.draw(rng)

@@ -35,10 +35,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
 from orchestrator.data.check import DataError, DataProblem, file_problem, map_in_threads, open_image, photo_mode_problem
+from orchestrator.data.seeded import SPLIT_STREAM, SeededDataset
 
 TRAIN_PHOTOS = ("astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry", "retina")
 VAL_PHOTOS = ("chelsea", "coffee")
@@ -47,7 +47,6 @@ BUNDLED_PHOTOS = frozenset(TRAIN_PHOTOS + VAL_PHOTOS + ("colorwheel", "logo"))  
 HOLE_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 MIN_CROP = 0.3
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_SPLIT_STREAM = {"train": 0, "val": 1}
 _FOLDER = {"train": "train_img", "val": "test_img"}
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
 _MAX_SHAPES = 400  # shape draws per mask before the pixel-level last resort
@@ -263,18 +262,14 @@ def _folder_photos(root: Path, split: str) -> list[Path]:
     return files
 
 
-class PhotoInpaintingDataset(Dataset):
+class PhotoInpaintingDataset(SeededDataset):
     """``train`` holds ``data_cfg.train_samples`` (crop, mask) pairs, ``val`` ``val_samples``;
     see the module docstring. ``data_cfg.kind`` 'synthetic' uses the bundled photos, 'folder' the
     photos under ``data_cfg.root``."""
 
     def __init__(self, data_cfg: DataConfig, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
+        super().__init__(data_cfg, split)
         self.bins, train_photos, val_photos, self.min_crop = photo_options(data_cfg.options)
-        self.split, self.seed = split, int(data_cfg.seed)
-        self.height, self.width = data_cfg.height, data_cfg.width
-        self.length = data_cfg.train_samples if split == "train" else data_cfg.val_samples
         if data_cfg.kind == "folder":
             self.sources: list[str] = [str(p) for p in _folder_photos(data_cfg.root, split)]
             self.from_files = True
@@ -285,9 +280,6 @@ class PhotoInpaintingDataset(Dataset):
         for low, high in self.bins:  # fail now, not in the middle of training
             if int(np.floor(low * n)) + 1 > high * n:
                 raise ValueError(f"hole bin ({low}, {high}] is too narrow for {self.height}x{self.width} images")
-
-    def __len__(self) -> int:
-        return self.length
 
     def check_files(self) -> list[DataProblem]:
         """Open every photo file once (folder data); everything wrong with them. Bundled photos
@@ -301,7 +293,7 @@ class PhotoInpaintingDataset(Dataset):
     def _streams(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
         """(crop, mask) generators of one item: independent, so a change of photos never changes
         a mask, nor the bins the crops."""
-        key = [abs(self.seed), int(self.seed < 0), _SPLIT_STREAM[self.split], int(index)]
+        key = [abs(self.seed), int(self.seed < 0), SPLIT_STREAM[self.split], int(index)]
         crop, mask = np.random.SeedSequence(key).spawn(2)
         return np.random.default_rng(crop), np.random.default_rng(mask)
 
@@ -309,8 +301,7 @@ class PhotoInpaintingDataset(Dataset):
         return int(index) % len(self.bins)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} {self.split} samples")
+        self.check_index(index)
         crop_rng, mask_rng = self._streams(index)
         source = self.sources[int(crop_rng.integers(len(self.sources)))]
         image = random_crop(self.photo(source), crop_rng, self.height, self.width, self.min_crop)

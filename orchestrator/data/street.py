@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
+from orchestrator.data.seeded import SPLIT_STREAM, SeededDataset
 
 CLASSES: dict[str, int] = {
     "road": 7, "sidewalk": 8, "building": 11, "pole": 17, "traffic_sign": 20,
@@ -27,7 +27,6 @@ CLASSES: dict[str, int] = {
 }
 LABEL_NC = 35  # Cityscapes' label id count (pix2pixHD's label_nc)
 FIRST_THING_ID = 100
-_SPLIT_STREAM = {"train": 0, "val": 1}
 
 Colour = tuple[float, float, float]
 
@@ -108,7 +107,7 @@ class _Layout:
 def render_street(seed: int, index: int, height: int, width: int, split: str = "train"
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(label ids uint8 (H, W), instance ids int32 (H, W), RGB float32 (H, W, 3) in [0, 1])."""
-    geo_seq, tex_seq, grain_seq = np.random.SeedSequence([seed, _SPLIT_STREAM[split], index]).spawn(3)
+    geo_seq, tex_seq, grain_seq = np.random.SeedSequence([seed, SPLIT_STREAM[split], index]).spawn(3)
     geo, tex = np.random.default_rng(geo_seq), np.random.default_rng(tex_seq)
     noise = {"coarse": value_noise(tex, height, width, 6), "mid": value_noise(tex, height, width, 24)}
     # per-pixel grain is the only draw whose count depends on the resolution: its own stream
@@ -283,25 +282,25 @@ def to_batch(label: np.ndarray, inst: np.ndarray, rgb: np.ndarray, label_nc: int
     }
 
 
-class StreetDataset(Dataset):
+class LabelMapDataset(SeededDataset):
+    """A seeded data set whose items carry these Cityscapes class ids, one-hot in ``label_nc``
+    channels (which must hold them all)."""
+
+    data_kind = "street"  # named in the label_nc error
+
+    def __init__(self, data_cfg: DataConfig, split: str = "train", label_nc: int = LABEL_NC):
+        super().__init__(data_cfg, split)
+        if label_nc <= max(CLASSES.values()):
+            raise ValueError(f"label_nc {label_nc} is too small for the {self.data_kind} data: its class ids go up "
+                             f"to {max(CLASSES.values())} (Cityscapes ids), so label_nc must be > {max(CLASSES.values())}")
+        self.label_nc = label_nc
+
+
+class StreetDataset(LabelMapDataset):
     """``train`` has ``data_cfg.train_samples`` scenes, ``val`` ``val_samples`` from another seed
     stream; size ``data_cfg.height x data_cfg.width``."""
 
-    def __init__(self, data_cfg: DataConfig, split: str = "train", label_nc: int = LABEL_NC):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
-        if label_nc <= max(CLASSES.values()):
-            raise ValueError(f"label_nc {label_nc} is too small for the street data: its class ids go up to "
-                             f"{max(CLASSES.values())} (Cityscapes ids), so label_nc must be > {max(CLASSES.values())}")
-        self.split, self.label_nc = split, label_nc
-        self.seed, self.height, self.width = data_cfg.seed, data_cfg.height, data_cfg.width
-        self.length = data_cfg.train_samples if split == "train" else data_cfg.val_samples
-
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} {self.split} samples")
+        self.check_index(index)
         label, inst, rgb = render_street(self.seed, int(index), self.height, self.width, self.split)
         return to_batch(label, inst, rgb, self.label_nc)

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
+from orchestrator.data.seeded import SPLIT_STREAM, SeededDataset
 from orchestrator.data.street import CLASSES, render_street
 
-_SPLIT_STREAM = {"train": 0, "val": 1}
 _STYLE_TAG = 0xB1  # keeps the style draws apart from any stream street.py derives from the same key
 SNOW_CLASSES = ("terrain", "vegetation", "sidewalk")
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -70,28 +69,21 @@ def _tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))) * 2 - 1
 
 
-class TwoDomainDataset(Dataset):
+class TwoDomainDataset(SeededDataset):
     """``train``: ``data_cfg.train_samples`` unpaired (A, B) items; ``val``: ``val_samples`` paired
     ones (see the module docstring). ``data_cfg.options`` takes none."""
 
     def __init__(self, data_cfg: DataConfig, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
+        super().__init__(data_cfg, split)
         if data_cfg.options:
             raise ValueError(f"two-domain data has no option(s) {sorted(data_cfg.options)}; it takes none")
-        self.split, self.seed = split, int(data_cfg.seed)
-        self.height, self.width = data_cfg.height, data_cfg.width
-        self.length = data_cfg.train_samples if split == "train" else data_cfg.val_samples
-
-    def __len__(self) -> int:
-        return self.length
 
     def scene_b(self, index: int) -> int:
         """The scene shown in domain B by item ``index`` (another scene in train, the same in val)."""
         return self.length + index if self.split == "train" else index
 
     def style(self, scene: int) -> np.ndarray:
-        key = [abs(self.seed), int(self.seed < 0), _SPLIT_STREAM[self.split], int(scene), _STYLE_TAG]
+        key = [abs(self.seed), int(self.seed < 0), SPLIT_STREAM[self.split], int(scene), _STYLE_TAG]
         return winter_style(np.random.default_rng(np.random.SeedSequence(key)))
 
     def render(self, scene: int, domain: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -103,8 +95,7 @@ class TwoDomainDataset(Dataset):
         return winterize(rgb, label, style), style
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} {self.split} samples")
+        self.check_index(index)
         label, _, image_a = render_street(self.seed, index, self.height, self.width, self.split)
         scene_b = self.scene_b(index)
         if scene_b != index:

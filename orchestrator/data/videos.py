@@ -34,13 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from orchestrator.config import DataConfig
-from orchestrator.data.street import CLASSES, FIRST_THING_ID, LABEL_NC
+from orchestrator.data.seeded import SPLIT_STREAM, check_split
+from orchestrator.data.street import CLASSES, FIRST_THING_ID, LABEL_NC, LabelMapDataset
 
 DEFAULT_FRAMES = 4
-_SPLIT_STREAM = {"train": 0, "val": 1}
 _TABLE = 64  # facades in the skyline table (the skyline repeats after this many)
 _OBJECT_KINDS = ("car", "person", "sign")
 BACKGROUND = -1  # owner id of background pixels
@@ -100,12 +99,11 @@ class VideoScene:
     scene point was at frame ``t - 1``."""
 
     def __init__(self, seed: int, index: int, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
+        check_split(split)
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
         rng = np.random.default_rng(np.random.SeedSequence([abs(int(seed)), int(seed < 0),
-                                                            _SPLIT_STREAM[split], int(index)]))
+                                                            SPLIT_STREAM[split], int(index)]))
         self.horizon = float(rng.uniform(0.35, 0.5))
         self.walk = float(rng.uniform(0.05, 0.09))  # sidewalk band below the horizon
         road_top = self.horizon + self.walk
@@ -337,33 +335,28 @@ def clip_to_batch(clip: VideoClip, label_nc: int = LABEL_NC) -> dict[str, torch.
     }
 
 
-class VideoDataset(Dataset):
+class VideoDataset(LabelMapDataset):
     """``train`` holds ``data_cfg.train_samples`` videos, ``val`` ``val_samples`` from another seed
     stream; ``frames`` frames each (argument, else ``data_cfg.options["frames"]``, else
     ``DEFAULT_FRAMES``) at ``data_cfg.height x data_cfg.width``. Items are generated on demand."""
 
+    data_kind, items = "video", "videos"
+    # what a clip is and what item it makes (a subclass swaps in its own, as WorldDataset does)
+    make_clip = staticmethod(make_video)
+    clip_item = staticmethod(clip_to_batch)
+
     def __init__(self, data_cfg: DataConfig, split: str = "train", label_nc: int = LABEL_NC,
                  frames: int | None = None):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
-        if label_nc <= max(CLASSES.values()):
-            raise ValueError(f"label_nc {label_nc} is too small for the video data: its class ids go up to "
-                             f"{max(CLASSES.values())} (Cityscapes ids), so label_nc must be > {max(CLASSES.values())}")
+        super().__init__(data_cfg, split, label_nc)
         frames = frames if frames is not None else data_cfg.options.get("frames", DEFAULT_FRAMES)
         if not isinstance(frames, int) or isinstance(frames, bool) or frames < 2:
             raise ValueError(f"data.options.frames must be an integer >= 2 (a video needs motion), got {frames!r}")
-        self.split, self.label_nc, self.frames = split, label_nc, frames
-        self.seed, self.height, self.width = data_cfg.seed, data_cfg.height, data_cfg.width
-        self.length = data_cfg.train_samples if split == "train" else data_cfg.val_samples
-
-    def __len__(self) -> int:
-        return self.length
+        self.frames = frames
 
     def clip(self, index: int) -> VideoClip:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} {self.split} videos")
-        return make_video(self.seed, index, self.frames, self.height, self.width, split=self.split)
+        self.check_index(index)
+        return self.make_clip(self.seed, index, self.frames, self.height, self.width, split=self.split)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return clip_to_batch(self.clip(index), self.label_nc)
+        return self.clip_item(self.clip(index), self.label_nc)
 

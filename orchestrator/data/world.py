@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 from orchestrator.config import DataConfig
+from orchestrator.data.seeded import SPLIT_STREAM, check_split
 from orchestrator.data.street import CLASSES, LABEL_NC
 from orchestrator.data.videos import VideoDataset, one_hot
 
 DEFAULT_FRAMES = 4
 MAX_FRAMES = 64  # frames of travel the laid-out street covers (frames beyond see its far end)
 HORIZONTAL_FOV = np.deg2rad(80.0)
-_SPLIT_STREAM = {"train": 0, "val": 1}
 _WORLD_TAG = 0x3D  # keeps this module's draws apart from other generators keyed the same way
 NO_HIT = -1  # primitive index of rays that hit nothing (sky)
 GROUND = -2  # primitive index of the ground plane
@@ -89,12 +89,11 @@ class WorldScene:
     """The content of one world and its camera path, independent of resolution and clip length."""
 
     def __init__(self, seed: int, index: int, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"unknown split {split!r}; allowed: {sorted(_SPLIT_STREAM)}")
+        check_split(split)
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
         rng = np.random.default_rng(np.random.SeedSequence(
-            [abs(int(seed)), int(seed < 0), _SPLIT_STREAM[split], int(index), _WORLD_TAG]))
+            [abs(int(seed)), int(seed < 0), SPLIT_STREAM[split], int(index), _WORLD_TAG]))
         self.road = float(rng.uniform(4.0, 6.0))  # road half width
         self.walk = float(rng.uniform(1.5, 3.0))  # sidewalk width
         self.lane_period = float(rng.uniform(6.0, 10.0))
@@ -335,7 +334,11 @@ class WorldDataset(VideoDataset):
     """``train`` holds ``data_cfg.train_samples`` worlds, ``val`` ``val_samples`` from another seed
     stream; ``frames`` frames each (argument, else ``data_cfg.options["frames"]``, else
     ``DEFAULT_FRAMES``) at ``data_cfg.height x data_cfg.width``. Items are rendered on demand.
-    (``VideoDataset``'s checks and bookkeeping, the worlds' clips.)"""
+    (``VideoDataset``'s checks and bookkeeping; ``clip`` makes a ``WorldClip``.)"""
+
+    data_kind, items = "world", "worlds"
+    make_clip = staticmethod(make_world_clip)
+    clip_item = staticmethod(clip_to_batch)
 
     def __init__(self, data_cfg: DataConfig, split: str = "train", label_nc: int = LABEL_NC,
                  frames: int | None = None):
@@ -346,11 +349,3 @@ class WorldDataset(VideoDataset):
         super().__init__(data_cfg, split, label_nc=label_nc, frames=frames)
         if self.frames > MAX_FRAMES:
             raise ValueError(f"data.options.frames must be at most {MAX_FRAMES} (the laid-out street), got {frames}")
-
-    def clip(self, index: int) -> WorldClip:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} {self.split} worlds")
-        return make_world_clip(self.seed, index, self.frames, self.height, self.width, split=self.split)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return clip_to_batch(self.clip(index), self.label_nc)
