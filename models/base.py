@@ -53,6 +53,9 @@ class Nets:
         return out
 
 
+CITYSCAPES_LABEL_NC = 35  # Cityscapes' label id count (pix2pixHD's label_nc)
+
+
 class GANModel(ABC):
     """One conditional GAN family.
 
@@ -86,6 +89,15 @@ class GANModel(ABC):
     def __init__(self, **options: Any) -> None:
         """``options`` override preset keys (e.g. ``vgg_weights``, ``n_blocks``); see ``arch``."""
         self.options = options
+        self.hparams: dict[str, Any] | None = None  # the resolved arch, set by build
+        self.fusion = "none"  # the fusion speed flag (none | jit | compile), set by build of models with it
+
+    def label_nc(self, default: int = CITYSCAPES_LABEL_NC) -> int:
+        """The label channel count: the built arch's, else a user override, else ``default`` (every
+        label-map preset uses the Cityscapes count)."""
+        if self.hparams is not None and "label_nc" in self.hparams:
+            return int(self.hparams["label_nc"])
+        return int(self.options.get("label_nc", default))
 
     def resolve_eps(self, overrides: dict[str, float] | None) -> dict[str, float]:
         """Defaults with ``overrides`` applied; unknown site names are an error naming the allowed ones."""

@@ -71,12 +71,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
+from models.base import CITYSCAPES_LABEL_NC, TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import MultiscaleDiscriminator, ResnetStack, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from orchestrator.settings import SpeedFlags
 
-CITYSCAPES_LABEL_NC = 35
 HYPER_NORMS = ("spade_0", "spade_1", "spade_s")  # the SPADE layers of a residual block
 
 
@@ -521,10 +520,6 @@ class FewShotVid2Vid(GANModel):
                       use_vgg=True, lambda_vgg=10.0, vgg_weights=None),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None
-
     # ------------------------------------------------------------------ networks and data
 
     def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
@@ -542,15 +537,10 @@ class FewShotVid2Vid(GANModel):
         self.hparams = arch
         return Nets(generator=generator, discriminator=discriminator, aux=aux)
 
-    def _label_nc(self) -> int:
-        if self.hparams is not None:
-            return int(self.hparams["label_nc"])
-        return int(self.options.get("label_nc", CITYSCAPES_LABEL_NC))
-
     def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
         if data_cfg.kind == "synthetic":
             from orchestrator.data.fewshot import FewShotDataset
-            return FewShotDataset(data_cfg, split, label_nc=self._label_nc())
+            return FewShotDataset(data_cfg, split, label_nc=self.label_nc())
         raise ValueError(f"fs_vid2vid has no data kind {data_cfg.kind!r}; allowed: synthetic")
 
     def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:

@@ -319,9 +319,7 @@ class Inpainting(GANModel):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None  # the resolved arch, set by build
         self.eps: dict[str, float] = dict(self.eps_sites)
-        self.fusion = "none"
         self.feature_source: str | None = None  # "random-init" or the VGG weights path, set by build
 
     # ------------------------------------------------------------------ networks and data

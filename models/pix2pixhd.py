@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
+from models.base import CITYSCAPES_LABEL_NC, TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import ConvBlock, MultiscaleDiscriminator, ResnetStack, instance_edges, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from orchestrator.settings import SpeedFlags
 
-CITYSCAPES_LABEL_NC = 35
 N_BLOCKS_LOCAL = 3  # residual blocks in the local enhancer (the paper's value)
 
 
@@ -105,11 +104,6 @@ class Pix2PixHD(GANModel):
                       ndf=64, n_layers=3, num_D=2, lambda_feat=10.0, use_vgg=True, vgg_weights=None),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None  # the resolved arch, set by build
-        self.fusion = "none"  # the fusion speed flag (none | jit | compile), set by build
-
     # ------------------------------------------------------------------ networks and data
 
     def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
@@ -127,19 +121,13 @@ class Pix2PixHD(GANModel):
         self.fusion = flags.fusion  # the losses' pointwise chains (models.fusion)
         return Nets(generator=generator, discriminator=discriminator, aux=aux)
 
-    def _label_nc(self) -> int:
-        if self.hparams is not None:
-            return int(self.hparams["label_nc"])
-        # every preset uses the Cityscapes count, so without build() only a user override can differ
-        return int(self.options.get("label_nc", CITYSCAPES_LABEL_NC))
-
     def dataset(self, data_cfg: Any, split: str) -> torch.utils.data.Dataset:
         if data_cfg.kind == "synthetic":
             from orchestrator.data.street import StreetDataset
-            return StreetDataset(data_cfg, split, label_nc=self._label_nc())
+            return StreetDataset(data_cfg, split, label_nc=self.label_nc())
         if data_cfg.kind == "folder":
             from orchestrator.data.folders import FolderDataset
-            return FolderDataset(data_cfg, split, label_nc=self._label_nc())
+            return FolderDataset(data_cfg, split, label_nc=self.label_nc())
         raise ValueError(f"pix2pixhd has no data kind {data_cfg.kind!r}; allowed: synthetic, folder")
 
     # ------------------------------------------------------------------ losses

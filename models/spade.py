@@ -57,12 +57,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
+from models.base import CITYSCAPES_LABEL_NC, TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import instance_edges, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from orchestrator.settings import SpeedFlags
 
-CITYSCAPES_LABEL_NC = 35
 INIT_GAIN = 0.02  # SPADE's xavier-normal init gain (``--init_variance``)
 INIT_POWER_ITERATIONS = 15  # warm start of u, v after init, so sigma is accurate from step one
 G_LR, D_LR, BETAS = 1e-4, 4e-4, (0.0, 0.9)  # TTUR: lr 2e-4 halved for G, doubled for D
@@ -503,10 +502,6 @@ class SPADE(GANModel):
                       use_vae=False, z_dim=256, vae_grid=[8, 16], enc_size=256, use_vgg=True),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None  # the resolved arch, set by build
-
     # ------------------------------------------------------------------ networks and data
 
     def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
@@ -528,18 +523,13 @@ class SPADE(GANModel):
         self.hparams = arch
         return Nets(generator=generator, discriminator=discriminator, aux=aux)
 
-    def _label_nc(self) -> int:
-        if self.hparams is not None:
-            return int(self.hparams["label_nc"])
-        return int(self.options.get("label_nc", CITYSCAPES_LABEL_NC))
-
     def dataset(self, data_cfg: Any, split: str) -> Dataset:
         if data_cfg.kind == "synthetic":
             from orchestrator.data.street import StreetDataset
-            return LabelIdDataset(StreetDataset(data_cfg, split, label_nc=self._label_nc()))
+            return LabelIdDataset(StreetDataset(data_cfg, split, label_nc=self.label_nc()))
         if data_cfg.kind == "folder":
             from orchestrator.data.folders import FolderDataset
-            return LabelIdDataset(FolderDataset(data_cfg, split, label_nc=self._label_nc()))
+            return LabelIdDataset(FolderDataset(data_cfg, split, label_nc=self.label_nc()))
         raise ValueError(f"spade has no data kind {data_cfg.kind!r}; allowed: synthetic, folder")
 
     def param_groups(self, nets: Nets) -> dict[str, dict[str, Any]]:
@@ -556,7 +546,7 @@ class SPADE(GANModel):
         """One-hot labels plus the instance-boundary channel, in the image's dtype."""
         ids, image = batch["label"], batch["image"]
         n, _, height, width = ids.shape
-        onehot = torch.zeros(n, self._label_nc(), height, width, dtype=image.dtype, device=image.device)
+        onehot = torch.zeros(n, self.label_nc(), height, width, dtype=image.dtype, device=image.device)
         onehot.scatter_(1, ids.long(), 1.0)
         return torch.cat([onehot, instance_edges(batch["inst"]).to(image.dtype)], dim=1)
 

@@ -476,10 +476,6 @@ class TranslationModel(GANModel):
     supported_flags = TRAINER_FLAGS | {"checkpointing"}
     g_lr, d_lr, betas = 1e-4, 1e-4, (0.5, 0.999)
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None
-
     @abstractmethod
     def networks(self, arch: dict[str, Any], eps: dict[str, float], checkpointing: str) -> tuple[nn.Module, nn.Module]:
         """(generator, discriminator), initialised, for the resolved preset ``arch``."""

@@ -52,13 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
+from models.base import CITYSCAPES_LABEL_NC, TRAINER_FLAGS, Batch, GANModel, Logs, Nets
 from models.layers import ConvBlock, MultiscaleDiscriminator, ResnetStack, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from models import fusion
 from orchestrator.settings import SpeedFlags
 
-CITYSCAPES_LABEL_NC = 35
 FLOW_SCALE = 20.0  # vid2vid multiplies the flow head's output by 20 (and divides flows by 20 for D_T)
 CONF_THRESHOLD = 0.02  # vid2vid's flow confidence: squared RGB warp error below this
 
@@ -249,11 +248,6 @@ class Vid2Vid(GANModel):
                       lambda_feat=10.0, lambda_T=10.0, lambda_F=10.0, use_vgg=True, vgg_weights=None),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.hparams: dict[str, Any] | None = None  # the resolved arch, set by build
-        self.fusion = "none"  # the fusion speed flag (none | jit | compile), set by build
-
     # ------------------------------------------------------------------ networks and data
 
     def build(self, preset: str, eps: dict[str, float], flags: SpeedFlags) -> Nets:
@@ -274,10 +268,6 @@ class Vid2Vid(GANModel):
         if self.hparams is None:
             return None
         return required_frames(self.hparams["n_frames_D"], self.hparams["n_scales_temporal"])
-
-    def label_nc(self) -> int:
-        """Label channels: the built preset's, else the ``label_nc`` option, else Cityscapes' 35."""
-        return int(self.hparams["label_nc"] if self.hparams else self.options.get("label_nc", CITYSCAPES_LABEL_NC))
 
     def clip_frames(self, data_cfg: Any, default: int) -> Any:
         """Frames per clip: ``data_cfg.options["frames"]``, else ``default`` or the fewest the

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import TRAINER_FLAGS, Batch, Logs, Nets
+from models.base import CITYSCAPES_LABEL_NC, TRAINER_FLAGS, Batch, Logs, Nets
 from models.fs_vid2vid import FlowGenerator, LabelEmbedder
 from models.layers import maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
@@ -68,7 +68,6 @@ from models.spade import SNConv2d, begin_pass, init_weights
 from models.vid2vid import Vid2Vid, Vid2VidDiscriminator, masked_l1, warp
 from orchestrator.settings import SpeedFlags
 
-CITYSCAPES_LABEL_NC = 35
 MAX_FILTERS = 1024  # the published max_num_filters
 NEAR = 1e-3  # camera-space z below which a reprojected point counts as behind the camera
 GUIDANCE_CHANNELS = 4  # rgb + mask
