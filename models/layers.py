@@ -138,7 +138,21 @@ def instance_edges(inst: torch.Tensor) -> torch.Tensor:
     return edge.to(inst.dtype)
 
 
-class NLayerDiscriminator(nn.Module):
+class FeatureStack(nn.Module):
+    """A chain of ``self.blocks`` whose forward returns every block's output, the prediction map
+    last: the feature-matching losses compare a discriminator's intermediate features."""
+
+    blocks: nn.ModuleList
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        return features
+
+
+class NLayerDiscriminator(FeatureStack):
     """PatchGAN: a stride-2 conv without norm, ``n_layers - 1`` more stride-2 conv-norm-lrelu
     blocks (channels doubling up to 512), one stride-1 block, and a 1-channel stride-1 conv.
 
@@ -159,13 +173,6 @@ class NLayerDiscriminator(nn.Module):
             channels = out
         blocks.append(ConvBlock(channels, 1, k, 1, p, norm="none", act="none"))
         self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for block in self.blocks:
-            x = block(x)
-            features.append(x)
-        return features
 
 
 class MultiscaleDiscriminator(nn.Module):

@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from models.base import CITYSCAPES_LABEL_NC, TRAINER_FLAGS, Batch, GANModel, Logs, Nets
-from models.layers import instance_edges, maybe_checkpoint
+from models.layers import FeatureStack, instance_edges, maybe_checkpoint
 from models.losses import VGGLoss, feature_matching_loss, gan_loss
 from orchestrator.settings import SpeedFlags
 
@@ -396,7 +396,7 @@ class SPADEGenerator(nn.Module):
 # --------------------------------------------------------------------------- discriminator
 
 
-class SNPatchDiscriminator(nn.Module):
+class SNPatchDiscriminator(FeatureStack):
     """SPADE's PatchGAN: conv4x4 stride 2 + lrelu; ``n_layers - 1`` blocks of SN conv4x4 (no bias)
     + instance norm + lrelu, widths doubling up to 512, stride 2 except the last (stride 1); a conv
     to one channel. ``forward`` returns every block's output, the prediction map last."""
@@ -420,13 +420,6 @@ class SNPatchDiscriminator(nn.Module):
             channels = out
         blocks.append(nn.Conv2d(channels, 1, k, 1, p))
         self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for block in self.blocks:
-            x = block(x)
-            features.append(x)
-        return features
 
 
 class SNMultiscaleDiscriminator(nn.Module):

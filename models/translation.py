@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import TRAINER_FLAGS, Batch, GANModel, Logs, Nets
-from models.layers import maybe_checkpoint, norm_layer
+from models.layers import FeatureStack, maybe_checkpoint, norm_layer
 from models.losses import gan_loss
 from models.spade import INIT_POWER_ITERATIONS, SNConv2d, begin_pass
 from orchestrator.settings import SpeedFlags
@@ -317,7 +317,7 @@ def upsampling_units(width: int, n_up: int, norm: Norm, sn_eps: float | None = N
 # --------------------------------------------------------------------------- discriminators
 
 
-class PatchDiscriminator(nn.Module):
+class PatchDiscriminator(FeatureStack):
     """imaginaire's n-layer patch discriminator: a stride-2 conv + LeakyReLU, ``n_layers`` more
     (widths doubling up to ``max_width``, stride 2 but the last), a conv to one channel; zero
     padding, no norm. ``forward`` returns every layer's output, the prediction map last."""
@@ -332,14 +332,7 @@ class PatchDiscriminator(nn.Module):
             layers.append(Unit(width, nxt, kernel, 2 if i < n_layers - 1 else 1, **unit))
             width = nxt
         layers.append(Unit(width, 1, kernel, act="none", pad_mode="zeros", sn_eps=sn_eps))
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for layer in self.layers:
-            x = layer(x)
-            features.append(x)
-        return features
+        self.blocks = nn.ModuleList(layers)
 
 
 class MultiResPatchDiscriminator(nn.Module):
