@@ -1028,6 +1028,14 @@ def _parse_profile(events, cuda: bool) -> dict[str, dict[str, Any]]:
             yield child
             todo.extend(child.cpu_children)
 
+    def add(module: str, phase: str, event) -> None:
+        """``event``'s time (ms) to ``module``'s ``phase`` (fwd | bwd) total and kernel dtype tally."""
+        r, t = row(module), _time(event, cuda) / 1000
+        r[f"{phase}_ms"] += t
+        dtype = _kernel_dtype(event, cuda)
+        if dtype:
+            r[f"{phase}_dtypes"][dtype] += t
+
     for event in events:
         name = event.name
         if name.startswith("autograd::engine::evaluate_function"):
@@ -1037,25 +1045,14 @@ def _parse_profile(events, cuda: bool) -> dict[str, dict[str, Any]]:
         if not top_level or name.startswith("fwd::") or not name.startswith("aten::"):
             continue
         module = module_of(event) or "(loss and step, outside modules)"
-        r = row(module)
-        t = _time(event, cuda) / 1000
-        r["fwd_ms"] += t
-        dtype = _kernel_dtype(event, cuda)
-        if dtype:
-            r["fwd_dtypes"][dtype] += t
+        add(module, "fwd", event)
         for e in (event, *descendants(event)):
             if getattr(e, "sequence_nr", -1) >= 0:
                 seq_module.setdefault(e.sequence_nr, module)
     for event in events:
         if not event.name.startswith("autograd::engine::evaluate_function"):
             continue
-        module = seq_module.get(getattr(event, "sequence_nr", -1), "(loss and step, outside modules)")
-        r = row(module)
-        t = _time(event, cuda) / 1000
-        r["bwd_ms"] += t
-        dtype = _kernel_dtype(event, cuda)
-        if dtype:
-            r["bwd_dtypes"][dtype] += t
+        add(seq_module.get(getattr(event, "sequence_nr", -1), "(loss and step, outside modules)"), "bwd", event)
     out = {}
     for name, r in rows.items():
         out[name] = {"fwd_ms": r["fwd_ms"], "bwd_ms": r["bwd_ms"],
@@ -1145,12 +1142,8 @@ class Diagnosis:
             lines.append(f"no hazard found: {self.setting_label} looks safe for this model at this size")
         for f in self.findings:
             lines.append(f"[{f.severity}] {f.title}")
-            if f.action:
-                lines.append(f"    -> {f.action}")
-            if f.suggested:
-                lines.append(f"    search {f.site}: {_fmt_list(f.suggested)}" + (f" ({f.verified})" if f.verified else ""))
-            if f.bf16:
-                lines.append(f"    bf16: {f.bf16}")
+            labels = {"action": "->", "search": "search", "bf16": "bf16:"}
+            lines += [f"    {labels[kind]} {text}" for kind, text in _advice(f)]
         top = sorted(self.profile, key=lambda r: -(r["half_fwd_ms"] + r["half_bwd_ms"]))[:limit]
         if top:
             lines.append(f"slowest modules in {self.setting_label} (fwd+bwd ms, fp32 -> {self.dtype}, kernel dtype):")
@@ -1174,12 +1167,8 @@ class Diagnosis:
             out.append(f"{i}. **[{f.severity}] {f.title}**")
             for line in f.evidence:
                 out.append(f"   - {line}")
-            if f.action:
-                out.append(f"   - **Action:** {f.action}")
-            if f.suggested:
-                out.append(f"   - **Search:** `{f.site}: {_fmt_list(f.suggested)}`" + (f" ({f.verified})" if f.verified else ""))
-            if f.bf16:
-                out.append(f"   - **bf16:** {f.bf16}")
+            labels = {"action": "**Action:**", "search": "**Search:**", "bf16": "**bf16:**"}
+            out += [f"   - {labels[kind]} {text}" for kind, text in _advice(f, code="`")]
         out += ["", "## First inf/NaN", ""]
         out.append(_origin_text(self.first_nonfinite) if self.first_nonfinite else "None appeared.")
         if len(self.origins) > 1:
@@ -1284,6 +1273,18 @@ def _fmt_modules(modules: list[str], limit: int = 3) -> str:
         return "-"
     shown = ", ".join(modules[:limit])
     return shown + (f" (+{len(modules) - limit})" if len(modules) > limit else "")
+
+
+def _advice(f: Finding, code: str = "") -> list[tuple[str, str]]:
+    """A finding's advice as (kind, text) rows, kinds action | search | bf16, for both renderings;
+    ``code`` quotes the search line (markdown's backtick)."""
+    rows = [("action", f.action)] if f.action else []
+    if f.suggested:
+        rows.append(("search", f"{code}{f.site}: {_fmt_list(f.suggested)}{code}"
+                               + (f" ({f.verified})" if f.verified else "")))
+    if f.bf16:
+        rows.append(("bf16", f.bf16))
+    return rows
 
 
 def _origin_text(o: dict | None) -> str:
