@@ -12,7 +12,7 @@ the project itself must be installed.
 """
 import sys
 
-from orchestrator.run import main
+from orchestrator.run import leave_if_interrupted, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave_if_interrupted(main()))

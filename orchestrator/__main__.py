@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "amp-study" if Path(sys.argv[0]).name == "amp-study" else "python -m orchestrator"
     if argv[:1] == ["run"]:  # every option of a study's own command line, unchanged
+        from orchestrator.run import leave_if_interrupted
         from orchestrator.run import main as run_main
 
-        return run_main(argv[1:], prog=f"{prog} run")
+        return leave_if_interrupted(run_main(argv[1:], prog=f"{prog} run"))
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"amp-study {version()}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -171,6 +171,18 @@ def main(argv: list[str] | None = None, prog: str = RUN_SCRIPT) -> int:
         console.stop()
 
 
+def leave_if_interrupted(code: int) -> int:
+    """At a process entry point: after an interrupt (130) end the process now. A Tune run cut
+    short can leave a non-daemon thread still talking to the Ray that was just shut down; the
+    interpreter would wait for it, and a minute later Ray's core worker ends the process with
+    status 1 and a "Failed to connect to GCS" line. Everything worth keeping is written by then."""
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return code
+
+
 def _shutdown_ray() -> None:
     """Stop this study's Ray (a local one ends with it); a second Ctrl-C must not cut it short."""
     import signal
