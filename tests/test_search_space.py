@@ -55,19 +55,22 @@ def _searcher(known: dict[str, dict], patience: int = 5):
 
     from orchestrator.search import _AnswerKnown
 
-    study = optuna.create_study(directions=["maximize", "minimize"])
+    storage = optuna.storages.InMemoryStorage()  # shared as run_search shares its RDB storage
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"])
     inner = OptunaSearch(space={"x": ray.tune.choice(["a", "b", "c"])}, metric=["speedup", "drift"],
-                         mode=["max", "min"], sampler=optuna.samplers.TPESampler(seed=0))
-    inner._ot_study = study  # noqa: SLF001 - the queue below must reach the study the searcher asks
+                         mode=["max", "min"], sampler=optuna.samplers.TPESampler(seed=0),
+                         study_name="s", storage=storage)
     proposed: list[str] = []
 
     def untried():
         rest = [x for x in "abc" if x not in known and x not in proposed]
         return {"x": rest[0]} if rest else None
 
-    return _AnswerKnown(inner, answer=lambda p: known.get(p["x"]), untried=untried,
-                        enqueue=study.enqueue_trial, on_suggest=lambda p: proposed.append(p["x"]),
-                        patience=patience)
+    searcher = _AnswerKnown(inner, answer=lambda p: known.get(p["x"]), untried=untried,
+                            enqueue=study.enqueue_trial, on_suggest=lambda p: proposed.append(p["x"]),
+                            patience=patience)
+    searcher.study = study  # the test reads the trials back
+    return searcher
 
 
 def test_known_proposals_are_answered_and_the_search_reaches_the_untried_point():
@@ -82,5 +85,5 @@ def test_known_proposals_are_answered_and_the_search_reaches_the_untried_point()
     searcher.on_trial_complete("t1", result={"speedup": 1.5, "drift": 0.0})
     known["c"] = {"speedup": 1.5, "drift": 0.0}
     assert searcher.suggest("t2") == ray.tune.search.Searcher.FINISHED
-    states = [t.state for t in searcher.inner._ot_study.trials]  # noqa: SLF001
+    states = [t.state for t in searcher.study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == len(states) == searcher.answered + 1
