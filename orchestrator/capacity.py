@@ -1,7 +1,8 @@
 """Can the cluster ever run one trial? Answered before anything is written, because Ray Tune
 waits forever for resources that never come.
 
-A trial holds 1 CPU for its Tune trial plus one bundle per Train worker. The answer comes from the
+A trial holds one bundle per Train worker (its training server's) plus a hundredth of a CPU for
+its Tune trial, which only waits for the server. The answer comes from the
 live nodes, and on an autoscaling cluster (``ray up`` writes ``~/ray_bootstrap_config.yaml`` on the
 head) also from the node types the autoscaler may still start: a GPU study submitted while the GPU
 nodes are still booting asks the autoscaler for them and waits, with a deadline, instead of being
@@ -21,6 +22,7 @@ import yaml
 from orchestrator.config import ResourcesConfig
 
 DEFAULT_AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+TRIAL_CPUS = 0.01  # what a stage-2 Tune trial holds while it waits for a training server (Tune needs > 0)
 
 
 class ResourceError(RuntimeError):
@@ -50,11 +52,11 @@ def problems(resources: ResourcesConfig, nodes: list[NodeShape]) -> list[str]:
     out = []
     cpus = sum(n.cpus * n.count for n in nodes)
     gpus = sum(n.gpus * n.count for n in nodes)
-    need_cpu = 1 + resources.workers * resources.cpus_per_worker
+    need_cpu = TRIAL_CPUS + resources.workers * resources.cpus_per_worker
     need_gpu = resources.workers * resources.gpus_per_worker
     if need_cpu > cpus + 1e-9:
-        out.append(f"{need_cpu:g} CPUs per trial (1 for the trial + {resources.workers} workers x "
-                   f"{resources.cpus_per_worker:g}) but the cluster has {cpus:g}")
+        out.append(f"{need_cpu:g} CPUs per trial ({resources.workers} workers x {resources.cpus_per_worker:g} "
+                   f"+ {TRIAL_CPUS:g} for the Tune trial) but the cluster has {cpus:g}")
     if need_gpu > gpus + 1e-9:
         out.append(f"{need_gpu:g} GPUs per trial ({resources.workers} workers x "
                    f"{resources.gpus_per_worker:g}) but the cluster has {gpus:g}")

@@ -24,6 +24,8 @@ from orchestrator import interrupts
 from orchestrator.config import ResourcesConfig, StudyConfig
 from orchestrator.recommend import Band
 from orchestrator.results import combine_seed_results
+from orchestrator.capacity import TRIAL_CPUS
+from orchestrator.service import Trainers
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.workers import SAMPLES_FILE, profile_loop, quality_loop
 
@@ -128,8 +130,10 @@ def run_interruptibly(fit: Callable[[], Any]) -> Any:
     return outcome["value"]
 
 
-def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Path, name: str) -> Any:
-    """Run a TorchTrainer; a rerun with the same name resumes from its latest checkpoint."""
+def fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Path, name: str,
+        interruptible: bool = True) -> Any:
+    """Run a TorchTrainer; a rerun with the same name resumes from its latest checkpoint.
+    ``interruptible=False`` for a run in a thread of its own (a training server)."""
     trainer = TorchTrainer(
         loop, train_loop_config=config, scaling_config=_scaling(study.resources),
         run_config=ray.train.RunConfig(
@@ -139,7 +143,7 @@ def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Pa
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = run_interruptibly(trainer.fit)
+    result = run_interruptibly(trainer.fit) if interruptible else trainer.fit()
     if result.error is not None:
         raise result.error
     return result
@@ -147,17 +151,20 @@ def _fit(loop: Callable, config: dict[str, Any], study: StudyConfig, storage: Pa
 
 def run_profile(study: StudyConfig, settings: list[Setting], storage: Path, name: str = "profile") -> dict[str, Any]:
     """Stage 1 in one worker group: {setting key | "reference": profile result}."""
-    return _fit(profile_loop, {"study": study, "settings": settings}, study, storage, name).return_value
+    return fit(profile_loop, {"study": study, "settings": settings}, study, storage, name).return_value
 
 
 def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage: Path, name: str,
                  rung_bands: dict[int, Band] | None = None) -> tuple[dict[str, Any], Path | None]:
-    """Train ``setting`` for the quality budget per seed: ({seed: result}, sample grid path).
+    """Train ``setting`` for the quality budget per seed in a Ray Train run of its own: ({seed:
+    result}, sample grid path). A study trains on its training servers instead
+    (``orchestrator.service``); this is the one-run-per-setting way (the exhaustive grid of
+    ``benchmarks/study_cost.py``).
 
     Quality is also measured at the budget's curve points and early-stop rungs; with ``rung_bands``
     (the references' bands there) a seed clearly outside one at an early-stop rung stops."""
     config = {"study": study, "setting": setting, "seeds": seeds, "rung_bands": rung_bands or {}}
-    result = _fit(quality_loop, config, study, storage, name)
+    result = fit(quality_loop, config, study, storage, name)
     grid = None
     if result.checkpoint is not None:
         local = Path(result.checkpoint.path) / SAMPLES_FILE
@@ -175,11 +182,12 @@ TRIAL_REPORT = ("setting_key", "speedup", "drift_in_margins", "trained", "repeat
 
 def quality_trial(params: dict[str, Any], *, study: StudyConfig, space: "SearchSpace", profiled: dict[str, dict],
                   survivors: set[str], storage: str, evaluate: Callable[[dict[str, Any]], dict[str, float]],
-                  rung_bands: dict[int, Band] | None = None) -> None:
+                  trainers: Trainers, rung_bands: dict[int, Band] | None = None) -> None:
     """One Tune trial: the setting Optuna proposed (``params``: one value per searched dimension).
 
     A survivor of stage 1 is trained for the quality budget with the references' first
-    ``budget.candidate_seeds`` seeds (paired with them) and reports its speedup (from stage 1) and
+    ``budget.candidate_seeds`` seeds (paired with them) by a training server (``trainers``; the trial
+    itself holds a hundredth of a CPU while it waits) and reports its speedup (from stage 1) and
     quality loss against fp32; a repeat reuses the finished result. A proposal stage 1 rejected
     (slower, diverged, out of memory) or never profiled costs nothing: it reports what is known
     (its speedup if it ran, else 0, and the penalty loss) with ``trained=0``, so Optuna learns that
@@ -199,8 +207,7 @@ def quality_trial(params: dict[str, Any], *, study: StudyConfig, space: "SearchS
         ray.tune.report({**{k: row[k] for k in TRIAL_REPORT if k in row}, "trained": 0, "repeat": 1,
                          "row": json.dumps(row)})
         return
-    finished, grid = run_training(study, setting, study.budget.candidate_seed_list(study.seed), Path(storage),
-                                  name=f"quality-{key}", rung_bands=rung_bands)
+    finished, grid = trainers.train(setting, study.budget.candidate_seed_list(study.seed), rung_bands)
     outcome = combine_seed_results(finished)
     row = {**{k: v for k, v in outcome.items() if isinstance(v, (int, float, str))}, **evaluate(outcome),
            "setting_key": key, "label": setting.label(), "trained": 1, "repeat": 0,
@@ -363,85 +370,100 @@ class _EnoughTrained(ray.tune.Stopper):
         return self.trained >= self.target
 
 
+class Stage2Searcher:
+    """What chooses stage 2's settings, without Tune: the search space, the Optuna study (in
+    ``optuna_storage``, an SQLAlchemy URL; optuna-dashboard opens it) and the searcher Tune asks
+    (``searcher``). ``run_search`` drives it with Tune trials; ``benchmarks/search_efficiency.py``
+    replays it against known answers.
+
+    It searches the real dimensions (``SearchSpace``), so what it learns about one (fp16 diverging,
+    an eps value losing quality) carries to every setting that shares it; proposals stage 1
+    rejected cost nothing but still teach it. The two fastest untried survivors are proposed first
+    (the likeliest recommendation). TPE's random start-up is a third of the proposals at most.
+    What a resumed study already trained (``previous``: {key: [speedup, drift_in_margins]}) is
+    entered as finished trials before the search starts: learned from, never trained again. A
+    trained setting's answer is read from ``cache`` (``<key>.json``, written by its trial)."""
+
+    def __init__(self, study: StudyConfig, grid: list[Setting], known: dict[str, dict], survivors: list[Setting],
+                 *, eps_defaults: dict[str, float], num_trials: int, cache: Path,
+                 previous: dict[str, list[float]] | None = None, optuna_storage: str | None = None,
+                 seed: int | None = None):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        previous = previous or {}
+        self.space = space = SearchSpace(grid, eps_defaults)
+        by_key = {s.key(): s for s in grid}
+        self.ordered = sorted(survivors, key=lambda s: -float(known[s.key()].get("speedup") or 0.0))
+        first = [space.params(s) for s in self.ordered if s.key() not in previous][: min(2, num_trials)]
+        self.proposals = num_trials * 4  # Optuna's proposals, known answers included (those cost no trial)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        name = f"{study.experiment}-stage2-{time.strftime('%Y%m%d-%H%M%S')}"
+        store = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else optuna.storages.InMemoryStorage()
+        self.optuna_study = optuna.create_study(study_name=name, storage=store, directions=["maximize", "minimize"],
+                                                load_if_exists=True)
+        distributions = space.optuna_distributions()
+        for key, values in previous.items():
+            if key in by_key:
+                self.optuna_study.add_trial(optuna.trial.create_trial(
+                    params=space.params(by_key[key]), distributions=distributions, values=values))
+        inner = OptunaSearch(
+            metric=["speedup", "drift_in_margins"], mode=["max", "min"], study_name=name, storage=store,
+            sampler=optuna.samplers.TPESampler(n_startup_trials=max(1, min(10, self.proposals // 3)),
+                                               seed=study.seed if seed is None else seed),
+            points_to_evaluate=first or None,
+        )
+        self.known, self.previous, self.cache = known, previous, Path(cache)
+        self.survivor_keys = {s.key() for s in survivors}
+        self.proposed: set[str] = set()
+        self.searcher = _AnswerKnown(inner, self.answer, untried=self.untried,
+                                     enqueue=lambda params: self.optuna_study.enqueue_trial(params),
+                                     on_suggest=lambda params: self.proposed.add(space.setting(params).key()))
+
+    def answer(self, params: dict[str, Any]) -> dict[str, float] | None:
+        """The objectives of ``params`` when known without training (None: it needs a trial)."""
+        key = self.space.setting(params).key()
+        if key not in self.survivor_keys:
+            profile = self.known.get(key, {})
+            speedup = float(profile.get("speedup") or 0.0) if profile.get("status") == "slower" else 0.0
+            return {"speedup": speedup, "drift_in_margins": PENALTY_DRIFT}
+        if key in self.previous:
+            return dict(zip(("speedup", "drift_in_margins"), self.previous[key]))
+        if (self.cache / f"{key}.json").exists():
+            row = json.loads((self.cache / f"{key}.json").read_text())
+            return {"speedup": row["speedup"], "drift_in_margins": row["drift_in_margins"]}
+        return None
+
+    def untried(self) -> dict[str, Any] | None:
+        """The fastest survivor not trained, cached or proposed yet."""
+        for setting in self.ordered:
+            if setting.key() not in self.proposed and self.answer(self.space.params(setting)) is None:
+                return self.space.params(setting)
+        return None
+
+
 def run_search(study: StudyConfig, grid: list[Setting], known: dict[str, dict], survivors: list[Setting],
                storage: Path, *, eps_defaults: dict[str, float],
                evaluate: Callable[[dict[str, Any]], dict[str, float]], on_result: Callable[[dict], None],
                previous: dict[str, list[float]] | None = None, num_trials: int | None = None,
                rung_bands: dict[int, Band] | None = None, on_start: Callable[[str], None] | None = None,
-               optuna_storage: str | None = None) -> None:
-    """Stage 2: Optuna (multi-objective: speedup up, quality loss down) chooses what to train.
-
-    It searches the real dimensions (``SearchSpace``), so what it learns about one (fp16 diverging,
-    an eps value losing quality) carries to every setting that shares it; proposals stage 1
-    rejected cost nothing but still teach it. The two fastest untried survivors are proposed first
-    (the likeliest recommendation). TPE's random start-up is a third of the proposals at most. The
-    Optuna study lives in ``optuna_storage`` (an SQLAlchemy URL; optuna-dashboard opens it), where
-    what a resumed study already trained (``previous``: {key: [speedup, drift_in_margins]}) is
-    entered as finished trials before the search starts: learned from, never trained again."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
+               optuna_storage: str | None = None, trainers: Trainers) -> None:
+    """Stage 2: Optuna (multi-objective: speedup up, quality loss down; ``Stage2Searcher``)
+    chooses what to train, each proposal a Tune trial that has a training server train it."""
     num_trials = study.budget.max_trials if num_trials is None else num_trials
     if num_trials <= 0 or not survivors:
         return
     previous = previous or {}
-    space = SearchSpace(grid, eps_defaults)
-    by_key = {s.key(): s for s in grid}
-    ordered = sorted(survivors, key=lambda s: -float(known[s.key()].get("speedup") or 0.0))
-    first = [space.params(s) for s in ordered if s.key() not in previous][: min(2, num_trials)]
-    proposals = num_trials * 4  # Optuna's proposals, known answers included (those cost no trial)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = f"{study.experiment}-stage2-{time.strftime('%Y%m%d-%H%M%S')}"
-    optuna_store = (optuna.storages.RDBStorage(optuna_storage) if optuna_storage
-                    else optuna.storages.InMemoryStorage())
-    optuna_study = optuna.create_study(study_name=name, storage=optuna_store, directions=["maximize", "minimize"],
-                                       load_if_exists=True)
-    distributions = space.optuna_distributions()
-    for key, values in previous.items():
-        if key in by_key:
-            optuna_study.add_trial(optuna.trial.create_trial(params=space.params(by_key[key]),
-                                                             distributions=distributions, values=values))
-    optuna_search = OptunaSearch(
-        metric=["speedup", "drift_in_margins"], mode=["max", "min"], study_name=name, storage=optuna_store,
-        sampler=optuna.samplers.TPESampler(n_startup_trials=max(1, min(10, proposals // 3)), seed=study.seed),
-        points_to_evaluate=first or None,
-    )
-    survivor_keys = {s.key() for s in survivors}
-    cache = Path(storage) / "trial-cache"
-
-    def answer(params: dict[str, Any]) -> dict[str, float] | None:
-        key = space.setting(params).key()
-        if key not in survivor_keys:
-            profile = known.get(key, {})
-            speedup = float(profile.get("speedup") or 0.0) if profile.get("status") == "slower" else 0.0
-            return {"speedup": speedup, "drift_in_margins": PENALTY_DRIFT}
-        if key in previous:
-            return dict(zip(("speedup", "drift_in_margins"), previous[key]))
-        if (cache / f"{key}.json").exists():
-            row = json.loads((cache / f"{key}.json").read_text())
-            return {"speedup": row["speedup"], "drift_in_margins": row["drift_in_margins"]}
-        return None
-
-    proposed: set[str] = set()
-
-    def untried() -> dict[str, Any] | None:
-        """The fastest survivor not trained, cached or proposed yet."""
-        for setting in ordered:
-            key = setting.key()
-            if key not in proposed and answer(space.params(setting)) is None:
-                return space.params(setting)
-        return None
-
-    searcher = _AnswerKnown(optuna_search, answer, untried=untried,
-                            enqueue=lambda params: optuna_study.enqueue_trial(params),
-                            on_suggest=lambda params: proposed.add(space.setting(params).key()))
+    chooser = Stage2Searcher(study, grid, known, survivors, eps_defaults=eps_defaults, num_trials=num_trials,
+                             cache=Path(storage) / "trial-cache", previous=previous, optuna_storage=optuna_storage)
+    space = chooser.space
     trainable = ray.tune.with_parameters(quality_trial, study=study, space=space, profiled=known,
-                                         survivors={s.key() for s in survivors}, storage=str(storage),
-                                         evaluate=evaluate, rung_bands=rung_bands)
+                                         survivors=chooser.survivor_keys, storage=str(storage),
+                                         evaluate=evaluate, rung_bands=rung_bands, trainers=trainers)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, {"CPU": 1}),
+        ray.tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         param_space=space.tune_space(),
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=proposals,
+        tune_config=ray.tune.TuneConfig(search_alg=chooser.searcher, num_samples=chooser.proposals,
                                         max_concurrent_trials=study.resources.max_concurrent_trials),
         run_config=ray.tune.RunConfig(name=f"search-{len(previous)}", storage_path=str(storage),
                                       callbacks=[_RowCallback(on_result, on_start, space)], stop=_EnoughTrained(num_trials),

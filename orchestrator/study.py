@@ -30,6 +30,7 @@ from orchestrator import search
 from orchestrator.config import StudyConfig
 from orchestrator.devices import DeviceInfo, describe_device
 from orchestrator.results import ResultsTable
+from orchestrator.service import Trainers, TrainingService
 from orchestrator.settings import Setting, SpeedFlags
 from orchestrator.tracking import Tracker
 
@@ -110,6 +111,7 @@ class Study:
         row = self.table.get(row_id)
         params = {k: v for k, v in row.items() if k in Setting.model_fields or k.startswith("eps.")
                   or k in SpeedFlags.model_fields or k == "seed"}
+        started = time.time()
         try:
             tracker = self.tracker()
             run_id = tracker.ensure_run(row, row.get("label", row_id), params)
@@ -117,6 +119,7 @@ class Study:
             grid = row.get("samples_grid")
             tracker.update_run(run_id, row, [Path(grid)] if grid else [])
             self.table.upsert(row_id, {"mlflow_pending": 0})
+            self.timings["mlflow"] = self.timings.get("mlflow", 0.0) + time.time() - started
             return True
         except Exception as error:  # noqa: BLE001 - tracking trouble must not lose the measurement
             self._tracking_retry_at = time.time() + 60
@@ -241,15 +244,27 @@ class Study:
         return {k: row[k] for k in row if k in ("status", "speedup", "speedup_low", "speedup_high", "profile_status")} | {
             "status": row.get("profile_status", row.get("status"))}
 
-    def references(self) -> rec_mod.QualityBasis:
+    def references_todo(self) -> list[int]:
         seeds = self.config.budget.reference_seed_list(self.config.seed)
-        todo = [s for s in seeds if (self.table.get(f"reference:{s}") or {}).get("status") is None]
+        return [s for s in seeds if (self.table.get(f"reference:{s}") or {}).get("status") is None]
+
+    def survivors(self, settings: list[Setting], known: dict[str, dict]) -> list[Setting]:
+        """The settings stage 2 may train: those stage 1 found faster (or any that ran, with
+        ``budget.keep_slower``)."""
+        allowed = ("ok", "slower") if self.config.budget.keep_slower else ("ok",)
+        return [s for s in settings if known.get(s.key(), {}).get("status") in allowed]
+
+    def trials_todo(self) -> int:
+        trained = [r for r in self.table.rows.values() if r.get("kind") == "candidate" and r.get("trial_done")]
+        return self.config.budget.max_trials - len(trained)
+
+    def references(self, trainers: Trainers | None) -> rec_mod.QualityBasis:
+        todo = self.references_todo()
         reference = self.config.reference
         if todo:
             self.log(f"references: training fp32 with seeds {todo} for {self.config.budget.train_samples} samples each")
             started = time.time()
-            finished, grid = search.run_training(self.config, reference, todo, self.storage,
-                                                 name=f"reference-{'-'.join(map(str, todo))}")
+            finished, grid = search.run_interruptibly(lambda: trainers.train(reference, todo))
             self.timings["references"] = time.time() - started
             study_row = self.table.get("study") or {}
             memory = {k[len("reference_"):]: v for k, v in study_row.items() if k.startswith("reference_")}
@@ -271,12 +286,12 @@ class Study:
                      f"so training settles, or budget.reference_seeds/candidate_seeds for more pairs")
         return basis
 
-    def quality_search(self, settings: list[Setting], known: dict[str, dict], basis: rec_mod.QualityBasis) -> None:
+    def quality_search(self, settings: list[Setting], known: dict[str, dict], basis: rec_mod.QualityBasis,
+                       trainers: Trainers | None) -> None:
         budget = self.config.budget
-        allowed = ("ok", "slower") if budget.keep_slower else ("ok",)
-        survivors = [s for s in settings if known.get(s.key(), {}).get("status") in allowed]
+        survivors = self.survivors(settings, known)
         trained = [r for r in self.table.rows.values() if r.get("kind") == "candidate" and r.get("trial_done")]
-        remaining = budget.max_trials - len(trained)
+        remaining = self.trials_todo()
         self.log(f"stage 2: {len(survivors)} of {len(settings)} settings survived profiling; "
                  f"{max(remaining, 0)} Optuna trials to run")
         if not survivors or remaining <= 0:
@@ -325,7 +340,8 @@ class Study:
         search.run_search(self.config, settings, known, survivors, self.storage, eps_defaults=eps_defaults,
                           evaluate=functools.partial(rec_mod.score_trial, basis=basis),
                           on_result=on_result, on_start=on_start, previous=previous, num_trials=remaining,
-                          rung_bands=rungs, optuna_storage=f"sqlite:///{self.output / OPTUNA_FILE}")
+                          rung_bands=rungs, optuna_storage=f"sqlite:///{self.output / OPTUNA_FILE}",
+                          trainers=trainers)
         self.timings["search"] = time.time() - started
 
     # ------------------------------------------------------------------ all of it
@@ -341,9 +357,19 @@ class Study:
             known = self.profile(settings)
             interrupts.pause_point("between-stages")
             interrupts.check()
-            basis = self.references()
-            interrupts.check()
-            self.quality_search(settings, known, basis)
+            # the references and every stage-2 setting train on the same servers: one worker-group
+            # start for them all (started only when something is left to train)
+            service = TrainingService(self.config, self.storage, log=self.log)
+            train = self.references_todo() or (self.trials_todo() > 0 and self.survivors(settings, known))
+            trainers = service.start() if train else None
+            try:
+                basis = self.references(trainers)
+                interrupts.check()
+                self.quality_search(settings, known, basis, trainers)
+            except BaseException:
+                service.abandon()
+                raise
+            service.close()
             interrupts.check()
             result = self.finish(time.time() - started)
         except BaseException:

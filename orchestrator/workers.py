@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +29,11 @@ from orchestrator.memory import measure_settings
 from orchestrator.quality import QualityMeter
 from orchestrator.recommend import Band, stops_early
 from orchestrator.schedule import Pause, training_schedule
+from orchestrator.service import SAMPLES_FILE
 from orchestrator.settings import Setting
 from orchestrator.trainer import Trainer, is_oom
 
 PROGRESS_FILE = "progress.json"
-SAMPLES_FILE = "samples.png"
 
 
 def _quiet_ray_train() -> None:
@@ -138,7 +139,8 @@ def profile_loop(config: dict[str, Any]) -> dict[str, Any]:
     study: StudyConfig = config["study"]
     settings: list[Setting] = config["settings"]
     budget = study.budget
-    progress, _ = _restore_progress()
+    progress, restored_dir = _restore_progress()
+    _forget(restored_dir)  # the progress is all a profile run restores
     done: dict[str, Any] = progress.get("done", {})
     reference = _trainer(study, study.reference, study.seed)
     # PyTorch's default fp32 first (when it is in the grid): its speedup is a second threshold every
@@ -343,24 +345,25 @@ class SeedRun:
         }
 
 
-def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Train one setting for the quality budget, once per seed, and measure its quality.
+def train_seeds(study: StudyConfig, setting: Setting, seeds: list[int], rung_bands: dict[int, Band],
+                progress: dict[str, Any], restored_dir: Path | None, grid: Path,
+                tag: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``setting`` for the quality budget once per seed and measure its quality: {seed:
+    result}; the first seed's sample images go to ``grid`` (a PNG).
+
+    ``progress`` (and ``restored_dir``, its checkpoint) is what a restarted worker group restored
+    for this very work; every checkpoint this writes holds ``tag`` beside the progress, so a
+    restart knows which work the checkpoint belongs to.
 
     The pauses come from ``orchestrator.schedule.training_schedule``: quality is measured at every
     curve point and early-stop rung (recorded as ``rung_quality`` with the training seconds spent
-    by then); with ``config["rung_bands"]`` ({samples: Band}, the references' quality there) a seed
-    whose drift at an early-stop rung is more than ``budget.early_stop_bands`` bands harmful stops
-    with status "stopped". ``config``: {"study": StudyConfig, "setting": Setting, "seeds": [int],
-    "rung_bands": {int: Band}}."""
-    _quiet_ray_train()
-    study: StudyConfig = config["study"]
-    setting: Setting = config["setting"]
-    seeds: list[int] = config["seeds"]
-    rung_bands: dict[int, Band] = config.get("rung_bands") or {}
+    by then); with ``rung_bands`` ({samples: Band}, the references' quality there) a seed whose
+    drift at an early-stop rung is more than ``budget.early_stop_bands`` bands harmful stops with
+    status "stopped"."""
+    tag = tag or {}
     budget = study.budget
-    progress, restored_dir = _restore_progress()
     finished: dict[str, Any] = progress.get("finished", {})
-    grid = Path(tempfile.mkdtemp(prefix="amp-grid-")) / SAMPLES_FILE
+    phase = "references" if setting == study.reference else "stage2"
 
     for seed in seeds:
         if str(seed) in finished:
@@ -388,8 +391,9 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
                     status, reason = "stopped", early.pop("reason")
                     break
             if pause.checkpoint:
-                _report({"seed": seed, "step": run.trainer.step}, run.progress(finished), run.trainer)
-                interrupts.pause_point("references" if setting == study.reference else "stage2")
+                _report({**tag, "seed": seed, "step": run.trainer.step}, {**tag, **run.progress(finished)},
+                        run.trainer)
+                interrupts.pause_point(phase)
         result = run.result(status, reason, early)
         if status == "ok":
             eval_started = time.time()
@@ -400,10 +404,81 @@ def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
         result["end_time"] = time.time()
         finished[str(seed)] = result
         progress = {"finished": finished}
-        _report({"seed": seed, "done": len(finished)}, progress, extra_files={SAMPLES_FILE: grid})
+        _report({**tag, "seed": seed, "done": len(finished)}, {**tag, **progress},
+                extra_files={SAMPLES_FILE: grid})
         if _rank() == 0:
             q = result.get(f"quality_{study.quality.metric}", math.nan)
             print(f"[quality] {setting.label()} seed {seed}: {result['status']} {study.quality.metric}={q:.4f}"
                   + (f" ({reason})" if status == "stopped" else ""), flush=True)
         del run
+    if restored_dir is not None and not grid.exists() and (restored_dir / SAMPLES_FILE).exists():
+        grid.write_bytes((restored_dir / SAMPLES_FILE).read_bytes())  # drawn before the restart
     return finished
+
+
+def quality_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """One setting's quality training as its own Ray Train run (``train_seeds``); ``config``:
+    {"study": StudyConfig, "setting": Setting, "seeds": [int], "rung_bands": {int: Band}}."""
+    _quiet_ray_train()
+    progress, restored_dir = _restore_progress()
+    with tempfile.TemporaryDirectory(prefix="amp-grid-") as tmp:
+        finished = train_seeds(config["study"], config["setting"], config["seeds"], config.get("rung_bands") or {},
+                               progress, restored_dir, Path(tmp) / SAMPLES_FILE)
+    _forget(restored_dir)
+    return finished
+
+
+def _forget(restored_dir: Path | None) -> None:
+    """Remove a restored checkpoint's local copy once its work is done."""
+    if restored_dir is not None:
+        shutil.rmtree(restored_dir, ignore_errors=True)
+
+
+def _same_on_every_rank(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank of the worker group (DDP ranks must train the same job)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def serve_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """A training server: one Ray Train worker group that trains job after job from the study's
+    job board (``orchestrator.service``) until the board closes, so the references and every
+    stage-2 setting share one worker-group start instead of paying one each.
+
+    Each checkpoint names its job; when Ray Train restarts a lost worker group from the latest
+    checkpoint, the board hands this server the job it held, and the job continues from there. A
+    job that raises (a user model's bug) fails alone: its trial is recorded as failed and the
+    server takes the next job.
+    ``config``: {"study": StudyConfig, "board": JobBoard handle, "server": str}."""
+    _quiet_ray_train()
+    study: StudyConfig = config["study"]
+    board, server = config["board"], config["server"]
+    progress, restored_dir = _restore_progress()
+    served = 0
+    while True:
+        job = _same_on_every_rank(ray.get(board.take.remote(server)) if _rank() == 0 else None)
+        if job is None:
+            return {"served": served}
+        mine = progress.get("job") == job["id"]
+        with tempfile.TemporaryDirectory(prefix="amp-grid-") as tmp:
+            grid = Path(tmp) / SAMPLES_FILE
+            try:
+                finished = train_seeds(study, job["setting"], job["seeds"], job.get("rung_bands") or {},
+                                       progress if mine else {}, restored_dir if mine else None, grid,
+                                       tag={"job": job["id"]})
+            except Exception as error:  # noqa: BLE001 - this job's failure (its trial is recorded as failed), not the server's
+                if _rank() == 0:
+                    print(f"[quality] {job['setting'].label()}: failed with {type(error).__name__}: {error}",
+                          flush=True)
+                    ray.get(board.done.remote(server, job["id"], {}, None, error=f"{type(error).__name__}: {error}"))
+            else:
+                if _rank() == 0:
+                    picture = grid.read_bytes() if grid.exists() else None
+                    ray.get(board.done.remote(server, job["id"], finished, picture))
+        _forget(restored_dir)
+        progress, restored_dir, served = {}, None, served + 1

@@ -102,9 +102,10 @@ def latest_checkpoint_step(run_dir: Path) -> int:
 
 
 def test_killed_worker_resumes_from_its_checkpoint(tmp_path):
-    """SIGKILL the Ray Train worker of a quality trial after its checkpoints at steps 10 and 20:
-    Ray Train restarts the worker group, the loop resumes from the checkpoint, the trial ends with
-    the right number of steps and exactly one result."""
+    """SIGKILL the Ray Train worker training a stage-2 setting after its checkpoints at steps 10 and
+    20: Ray Train restarts the training server's worker group, the server takes back the job it
+    held and resumes it from the checkpoint, the trial ends with the right number of steps and
+    exactly one result."""
     pause = tmp_path / "paused.pid"
     space = study_yaml(tmp_path, budget__train_samples=80, budget__checkpoint_every=10)
     text = yaml.safe_load(space.read_text())
@@ -115,7 +116,9 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path):
     proc = start(space, out)
     try:
         wait_for(pause.exists, 600, "the quality trial to reach step 25", proc)
-        runs = lambda: list((out / "ray").glob("quality-*"))  # noqa: E731
+        # the study's training server (the references trained there first; their last checkpoint
+        # is a finished seed, with no step)
+        runs = lambda: list((out / "ray").glob("trainer-*"))  # noqa: E731
         wait_for(lambda: any(latest_checkpoint_step(r) >= 20 for r in runs()), 120,
                  "Ray Train to register the checkpoint of step 20", proc)
         worker = psutil.Process(int(pause.read_text()))
@@ -152,6 +155,23 @@ def study_processes(session_dir: str) -> list[psutil.Process]:
     return found
 
 
+def study_session(out: Path) -> str | None:
+    """The Ray session directory of the latest run of the study in ``out`` (None before Ray started)."""
+    if not (out / "results.parquet").exists():
+        return None
+    session = pd.read_parquet(out / "results.parquet").set_index("row_id").get("ray_session_dir", {}).get("study")
+    return session if isinstance(session, str) and session else None
+
+
+def profiled_in_session(session: str | None) -> list[str]:
+    """The "[profile]" lines the workers of one Ray session printed, read from the session's worker
+    logs: a study interrupted right after a line may end before Ray streams it to the terminal."""
+    if not session:
+        return []
+    return [line for log in sorted(Path(session, "logs").glob("worker-*.out"))
+            for line in profiled_settings(log.read_text(errors="replace"))]
+
+
 def test_ctrl_c_in_every_phase_stops_at_once_and_resume_repeats_nothing(tmp_path):
     """One study interrupted in each phase in turn (reached with a pause point, never by timing),
     resumed each time: exit 130 with the --resume command and no traceback, none of that Ray
@@ -174,19 +194,18 @@ def test_ctrl_c_in_every_phase_stops_at_once_and_resume_repeats_nothing(tmp_path
                 proc.kill()
         assert proc.returncode == 130, f"{phase}:\n{output[-4000:]}"
         assert "--resume" in output and "Traceback" not in output, f"{phase}:\n{output[-4000:]}"
-        seen_profile_lines += profiled_settings(output)
-        if (out / "results.parquet").exists():
-            session = (pd.read_parquet(out / "results.parquet").set_index("row_id").get("ray_session_dir", {})
-                       .get("study"))
-            if isinstance(session, str) and session:
-                wait_for(lambda s=session: not study_processes(s), 60, f"the Ray processes of {session} to end")
+        session = study_session(out)
+        if session:
+            wait_for(lambda s=session: not study_processes(s), 60, f"the Ray processes of {session} to end")
+            seen_profile_lines += profiled_in_session(session)
 
     output = finish(start(space, out, "--resume"))
     assert "Traceback" not in output
+    seen_profile_lines += profiled_in_session(study_session(out))
     table = pd.read_parquet(out / "results.parquet")
     candidates = table[table["kind"] == "candidate"]
     # every setting profiled exactly once over all the runs
-    assert len(seen_profile_lines + profiled_settings(output)) == len(candidates)
+    assert len(seen_profile_lines) == len(candidates), seen_profile_lines
     assert sorted(table[table["kind"] == "reference"]["seed"].astype(int)) == [0, 1]
     assert candidates["trial_done"].fillna(0).sum() == 1
     assert (out / "report.md").exists()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("resources,expected", [
-    ({"workers": 64}, "65 CPUs per trial"),
+    ({"workers": 64}, "64.01 CPUs per trial"),
     ({"gpus_per_worker": 1}, "GPUs per trial"),
     ({"cpus_per_worker": 64}, "no node has 64 CPUs"),
 ])
@@ -48,8 +48,8 @@ def test_placement_rules_per_node():
     spread = ResourcesConfig(workers=3, placement="STRICT_SPREAD", **gpu_workers)
     assert "STRICT_SPREAD" in problems(spread, [NodeShape(48, 4, count=2)])[0]
     assert problems(spread, [NodeShape(48, 4, count=3)]) == []
-    # totals include the trial's own CPU
-    assert "3 CPUs per trial" in problems(ResourcesConfig(workers=2), [NodeShape(1, 0, count=2)])[0]
+    # totals include the Tune trial's share: two 1-CPU workers fill two 1-CPU nodes, leaving it none
+    assert "2.01 CPUs per trial" in problems(ResourcesConfig(workers=2), [NodeShape(1, 0, count=2)])[0]
 
 
 def test_autoscaler_node_types_come_from_the_launcher_config():

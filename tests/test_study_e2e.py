@@ -40,6 +40,10 @@ def test_tiny_study_end_to_end(tiny_study):
     assert len(trained) == min(2, len(survivors))
     assert trained["quality_ssim"].notna().all() and trained["drift"].notna().all()
     assert table["mlflow_run_id"].dropna().nunique() == len(refs) + len(cands)
+    # two Ray Train runs in all: stage 1's, and one training server that trained the references
+    # and every stage-2 setting (no worker group started per setting)
+    runs = sorted(p.name for p in (out / "ray").iterdir() if (p / "checkpoint_manager_snapshot.json").exists())
+    assert [name.split("-")[0] for name in runs] == ["profile", "trainer"], runs
 
     # MLflow: one parent run, one nested child per row, with params and metrics
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
