@@ -463,8 +463,11 @@ def run_search(study: StudyConfig, grid: list[Setting], known: dict[str, dict], 
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         param_space=space.tune_space(),
+        # a trial only waits for a server: the next trial reuses its process instead of starting
+        # (and importing torch in) a new one
         tune_config=ray.tune.TuneConfig(search_alg=chooser.searcher, num_samples=chooser.proposals,
-                                        max_concurrent_trials=study.resources.max_concurrent_trials),
+                                        max_concurrent_trials=study.resources.max_concurrent_trials,
+                                        reuse_actors=True),
         run_config=ray.tune.RunConfig(name=f"search-{len(previous)}", storage_path=str(storage),
                                       callbacks=[_RowCallback(on_result, on_start, space)], stop=_EnoughTrained(num_trials),
                                       verbose=0),
