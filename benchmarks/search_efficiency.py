@@ -27,7 +27,7 @@ import yaml
 from models.base import load_model
 from orchestrator.config import StudyConfig, parse_config
 from orchestrator.recommend import quality_basis, recommend, score_trial
-from orchestrator.search import Stage2Searcher
+from orchestrator.search import OBJECTIVE, PENALTY_DRIFT, Stage2Searcher, delivered_speedup
 from orchestrator.settings import Setting
 
 SPEED = ("speedup", "speedup_low", "speedup_high")
@@ -90,7 +90,8 @@ def search_order(config: StudyConfig, profiled: list[Setting], known: dict[str, 
         if not isinstance(params, dict):
             return  # the searcher has nothing untried left
         key = chooser.space.setting(params).key()
-        result = {"speedup": float(known[key]["speedup"]), "drift_in_margins": min(drift[key], 1e3)}
+        result = {"speedup": float(known[key]["speedup"]), "drift_in_margins": min(drift[key], PENALTY_DRIFT)}
+        result[OBJECTIVE] = delivered_speedup(result["speedup"], result["drift_in_margins"])
         (cache / f"{key}.json").write_text(json.dumps(result))
         searcher.on_trial_complete(f"replay-{n}", result=result)
         yield key

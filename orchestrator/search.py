@@ -1,6 +1,6 @@
 """The Ray side of a study: cluster connection and resource checks, the stage-1 profile run, the
 reference/quality training runs (Ray Train ``TorchTrainer``), and the stage-2 search (Ray Tune +
-Optuna, multi-objective: speedup up, drift down).
+Optuna, one objective: the speedup a setting delivers at fp32's quality).
 
 Only this module, ``workers`` and ``study`` know about Ray.
 """
@@ -177,7 +177,23 @@ def run_training(study: StudyConfig, setting: Setting, seeds: list[int], storage
 
 # what a trial reports to Tune: the searcher's objectives and the trial's identity; the whole row
 # travels as one JSON field ("row") for the study to record
-TRIAL_REPORT = ("setting_key", "speedup", "drift_in_margins", "trained", "repeat", "status")
+TRIAL_REPORT = ("setting_key", "speedup", "drift_in_margins", "delivered_speedup", "trained", "repeat", "status")
+OBJECTIVE = "delivered_speedup"
+# TPE's random start-up, in Optuna trials: the two seeded fastest survivors and the proposals
+# answered without training fill it; more random draws spend trained settings on nothing
+# (benchmarks/search_efficiency.py: a start-up of 3 needed about twice the trained settings of 2)
+TPE_STARTUP = 2
+
+
+def delivered_speedup(speedup: float, drift_in_margins: float) -> float:
+    """Stage 2's search objective: the speedup a setting delivers at fp32's quality. Its stage-1
+    speedup when its quality loss is within the margin; discounted by the margins it loses beyond
+    that (a setting one margin too lossy counts half, a diverged one nothing). Speedups are known
+    for every survivor before stage 2; what the search learns is which dimensions keep quality."""
+    if not math.isfinite(drift_in_margins) or drift_in_margins >= PENALTY_DRIFT:
+        return 0.0
+    return float(speedup) * min(1.0, 1.0 / max(drift_in_margins, 1e-12))
+
 
 
 def quality_trial(params: dict[str, Any], *, study: StudyConfig, space: "SearchSpace", profiled: dict[str, dict],
@@ -197,13 +213,14 @@ def quality_trial(params: dict[str, Any], *, study: StudyConfig, space: "SearchS
     if key not in survivors:
         profile = profiled.get(key, {"status": "not profiled"})
         speedup = float(profile.get("speedup") or 0.0) if profile.get("status") == "slower" else 0.0
-        row = {"setting_key": key, "speedup": speedup, "drift_in_margins": PENALTY_DRIFT, "trained": 0,
-               "repeat": 0, "status": str(profile.get("status"))}
+        row = {"setting_key": key, "speedup": speedup, "drift_in_margins": PENALTY_DRIFT, OBJECTIVE: 0.0,
+               "trained": 0, "repeat": 0, "status": str(profile.get("status"))}
         ray.tune.report({**row, "row": json.dumps(row)})
         return
     cache = Path(storage) / "trial-cache" / f"{key}.json"
     if cache.exists():
         row = json.loads(cache.read_text())
+        row[OBJECTIVE] = delivered_speedup(row["speedup"], row["drift_in_margins"])
         ray.tune.report({**{k: row[k] for k in TRIAL_REPORT if k in row}, "trained": 0, "repeat": 1,
                          "row": json.dumps(row)})
         return
@@ -218,6 +235,7 @@ def quality_trial(params: dict[str, Any], *, study: StudyConfig, space: "SearchS
         row["drift_in_margins"] = PENALTY_DRIFT
     row["speedup"] = (float(profiled[key].get("speedup") or 0.0)
                       if outcome.get("status") in ("ok", "stopped") else 0.0)
+    row[OBJECTIVE] = delivered_speedup(row["speedup"], row["drift_in_margins"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row))
     ray.tune.report({**{k: row[k] for k in TRIAL_REPORT}, "row": json.dumps(row)})
@@ -376,10 +394,13 @@ class Stage2Searcher:
     (``searcher``). ``run_search`` drives it with Tune trials; ``benchmarks/search_efficiency.py``
     replays it against known answers.
 
-    It searches the real dimensions (``SearchSpace``), so what it learns about one (fp16 diverging,
-    an eps value losing quality) carries to every setting that shares it; proposals stage 1
-    rejected cost nothing but still teach it. The two fastest untried survivors are proposed first
-    (the likeliest recommendation). TPE's random start-up is a third of the proposals at most.
+    Its objective is one number, ``delivered_speedup`` (the recommendation is the fastest setting
+    that keeps fp32's quality): a fast setting that loses quality scores low, so TPE learns to
+    leave the dimensions that lose it (fp16 diverging, an eps value) instead of being drawn to
+    them by their speed. It searches the real dimensions (``SearchSpace``), so what it learns about
+    one carries to every setting that shares it; proposals stage 1 rejected cost nothing but still
+    teach it. The two fastest untried survivors are proposed first (the likeliest recommendation),
+    and TPE models from the start: proposals answered without training already fill its start-up.
     What a resumed study already trained (``previous``: {key: [speedup, drift_in_margins]}) is
     entered as finished trials before the search starts: learned from, never trained again. A
     trained setting's answer is read from ``cache`` (``<key>.json``, written by its trial)."""
@@ -400,17 +421,17 @@ class Stage2Searcher:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         name = f"{study.experiment}-stage2-{time.strftime('%Y%m%d-%H%M%S')}"
         store = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else optuna.storages.InMemoryStorage()
-        self.optuna_study = optuna.create_study(study_name=name, storage=store, directions=["maximize", "minimize"],
+        self.optuna_study = optuna.create_study(study_name=name, storage=store, direction="maximize",
                                                 load_if_exists=True)
         distributions = space.optuna_distributions()
         for key, values in previous.items():
             if key in by_key:
                 self.optuna_study.add_trial(optuna.trial.create_trial(
-                    params=space.params(by_key[key]), distributions=distributions, values=values))
+                    params=space.params(by_key[key]), distributions=distributions,
+                    value=delivered_speedup(*values)))
         inner = OptunaSearch(
-            metric=["speedup", "drift_in_margins"], mode=["max", "min"], study_name=name, storage=store,
-            sampler=optuna.samplers.TPESampler(n_startup_trials=max(1, min(10, self.proposals // 3)),
-                                               seed=study.seed if seed is None else seed),
+            metric=OBJECTIVE, mode="max", study_name=name, storage=store,
+            sampler=optuna.samplers.TPESampler(n_startup_trials=TPE_STARTUP, seed=study.seed if seed is None else seed),
             points_to_evaluate=first or None,
         )
         self.known, self.previous, self.cache = known, previous, Path(cache)
@@ -424,14 +445,12 @@ class Stage2Searcher:
         """The objectives of ``params`` when known without training (None: it needs a trial)."""
         key = self.space.setting(params).key()
         if key not in self.survivor_keys:
-            profile = self.known.get(key, {})
-            speedup = float(profile.get("speedup") or 0.0) if profile.get("status") == "slower" else 0.0
-            return {"speedup": speedup, "drift_in_margins": PENALTY_DRIFT}
+            return {OBJECTIVE: 0.0}  # stage 1 rejected it: it delivers nothing
         if key in self.previous:
-            return dict(zip(("speedup", "drift_in_margins"), self.previous[key]))
+            return {OBJECTIVE: delivered_speedup(*self.previous[key])}
         if (self.cache / f"{key}.json").exists():
             row = json.loads((self.cache / f"{key}.json").read_text())
-            return {"speedup": row["speedup"], "drift_in_margins": row["drift_in_margins"]}
+            return {OBJECTIVE: delivered_speedup(row["speedup"], row["drift_in_margins"])}
         return None
 
     def untried(self) -> dict[str, Any] | None:
@@ -448,7 +467,7 @@ def run_search(study: StudyConfig, grid: list[Setting], known: dict[str, dict], 
                previous: dict[str, list[float]] | None = None, num_trials: int | None = None,
                rung_bands: dict[int, Band] | None = None, on_start: Callable[[str], None] | None = None,
                optuna_storage: str | None = None, trainers: Trainers) -> None:
-    """Stage 2: Optuna (multi-objective: speedup up, quality loss down; ``Stage2Searcher``)
+    """Stage 2: Optuna (``delivered_speedup``: speedup at fp32's quality; ``Stage2Searcher``)
     chooses what to train, each proposal a Tune trial that has a training server train it."""
     num_trials = study.budget.max_trials if num_trials is None else num_trials
     if num_trials <= 0 or not survivors:
