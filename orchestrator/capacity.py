@@ -77,6 +77,19 @@ def problems(resources: ResourcesConfig, nodes: list[NodeShape]) -> list[str]:
     return out
 
 
+def servers_that_fit(resources: ResourcesConfig, nodes: list[NodeShape]) -> int:
+    """How many training servers (one worker group each, ``orchestrator.service``) to start: up to
+    ``max_concurrent_trials``, as many as fit on ``nodes`` with a Tune trial's share left for each
+    (servers hold their CPUs for the whole study: one too many and the trials that feed them could
+    never start). At least one: ``problems`` already said whether one fits at all."""
+    bundles = sum(workers_per_node(n, resources) * n.count for n in nodes)
+    cpus = sum(n.cpus * n.count for n in nodes)
+    servers = min(resources.max_concurrent_trials, bundles // resources.workers)
+    while servers > 1 and servers * (resources.workers * resources.cpus_per_worker + TRIAL_CPUS) > cpus + 1e-9:
+        servers -= 1
+    return max(1, servers)
+
+
 def live_nodes() -> list[NodeShape]:
     import ray
 
@@ -112,7 +125,7 @@ def _bundles(resources: ResourcesConfig) -> list[dict[str, float]]:
     worker = {"CPU": resources.cpus_per_worker}
     if resources.gpus_per_worker:
         worker["GPU"] = resources.gpus_per_worker
-    return [{"CPU": 1.0}] + [dict(worker) for _ in range(resources.workers)]
+    return [{"CPU": TRIAL_CPUS}] + [dict(worker) for _ in range(resources.workers)]
 
 
 def check_resources(resources: ResourcesConfig, autoscaler_config: str | os.PathLike | None = None,

@@ -15,6 +15,7 @@ so the trial waiting on it is recorded as failed and the study goes on or ends w
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import deque
 from pathlib import Path
@@ -45,6 +46,7 @@ class JobBoard:
         self.held: dict[str, dict] = {}  # server -> the job it trains
         self.answers: dict[str, dict] = {}  # job id -> {"finished", "picture"} or {"error"}
         self.servers_left = servers
+        self.started: set[str] = set()  # servers whose worker group is up (they asked for a job)
         self.closed = False
         self.changed = asyncio.Condition()
 
@@ -63,6 +65,7 @@ class JobBoard:
         """The job ``server`` holds (a restarted server continues it), else the next waiting one;
         None once the board is closed and nothing is left."""
         async with self.changed:
+            self.started.add(server)
             while True:
                 if server in self.held:
                     return self.held[server]
@@ -101,10 +104,13 @@ class JobBoard:
                 await self.changed.wait()
             return self.answers[job_id]
 
-    async def close(self) -> None:
+    async def close(self) -> set[str]:
+        """No more jobs: servers end once the waiting ones are done. Returns the servers whose
+        worker group ever came up (one still waiting for nodes will end as soon as it does)."""
         async with self.changed:
             self.closed = True
             self.changed.notify_all()
+            return set(self.started)
 
 
 class Trainers:
@@ -147,6 +153,16 @@ class TrainingService:
         from orchestrator import search
         from orchestrator.workers import serve_loop
 
+        from orchestrator import capacity
+
+        if self.servers > 1:
+            nodes = capacity.live_nodes() + capacity.autoscaler_nodes(
+                os.environ.get("AMP_AUTOSCALER_CONFIG", capacity.DEFAULT_AUTOSCALER_CONFIG))
+            fit = capacity.servers_that_fit(self.study.resources, nodes)
+            if fit < self.servers:
+                self.log(f"resources.max_concurrent_trials is {self.servers} but only {fit} training server(s) fit "
+                         f"on the cluster with room left for their trials: starting {fit}")
+                self.servers = fit
         self.board = JobBoard.remote(self.servers)
         for i in range(self.servers):
             server = f"{self.name}-{i}"
@@ -170,13 +186,15 @@ class TrainingService:
     def close(self) -> None:
         """Let the servers finish their jobs and end. A server that failed for good already
         failed its jobs (their trials are recorded as failed): it is reported, not raised."""
+        started = {thread.name.removeprefix("server-") for thread in self.threads}
         if self.board is not None:
             try:
-                ray.get(self.board.close.remote())
+                started = ray.get(self.board.close.remote())
             except Exception:  # noqa: BLE001 - the board (and Ray) is gone: nothing left to end
                 pass
         for thread in self.threads:
-            thread.join()
+            if thread.name.removeprefix("server-") in started:
+                thread.join()
         for error in self.errors:
             self.log(f"warning: a training server ended with {type(error).__name__}: {str(error)[:500]}")
 

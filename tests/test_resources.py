@@ -63,3 +63,16 @@ def test_autoscaler_node_types_come_from_the_launcher_config():
     two_gpus = ResourcesConfig(workers=2, cpus_per_worker=4, gpus_per_worker=1)
     assert problems(two_gpus, head_only) and not problems(two_gpus, head_only + list(nodes.values()))
     assert autoscaler_nodes(ROOT / "no-such-file.yaml") == []
+
+
+def test_training_servers_leave_room_for_the_trials_that_feed_them():
+    from orchestrator.capacity import NodeShape, servers_that_fit
+    from orchestrator.config import ResourcesConfig
+
+    # two 1-CPU servers would take both CPUs of a 2-CPU machine and no trial could ever start
+    assert servers_that_fit(ResourcesConfig(max_concurrent_trials=2), [NodeShape(2, 0)]) == 1
+    assert servers_that_fit(ResourcesConfig(max_concurrent_trials=2), [NodeShape(3, 0)]) == 2
+    gpu = ResourcesConfig(max_concurrent_trials=4, workers=2, cpus_per_worker=4, gpus_per_worker=1)
+    # 2 GPU nodes with room for two 4-CPU workers each: two 2-worker servers, not four
+    assert servers_that_fit(gpu, [NodeShape(8, 0), NodeShape(8, 4, count=2)]) == 2
+    assert servers_that_fit(ResourcesConfig(), [NodeShape(1, 0)]) == 1  # never fewer than one
